@@ -1,0 +1,3 @@
+//! Integrations with the world outside the runtime. Today: the audit trail.
+
+pub mod audit_trail;
