@@ -404,38 +404,44 @@ fn line_of_offset(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// The dotted key (`section.field`) whose value covers byte `offset` of `text`.
+/// The dotted key (`section.field`, nested as deep as needed) whose value covers byte
+/// `offset` of `text`.
 fn key_at_offset(text: &str, offset: usize) -> Option<String> {
-    let doc: toml_edit::Document<String> = toml_edit::Document::parse(text.to_string()).ok()?;
-    for (section, item) in doc.iter() {
-        let Some(table) = item.as_table_like() else {
-            continue;
-        };
-        for (field, value) in table.iter() {
-            if value.span().is_some_and(|s| s.contains(&offset)) {
-                return Some(format!("{section}.{field}"));
+    fn walk(table: &dyn toml_edit::TableLike, prefix: &str, offset: usize) -> Option<String> {
+        for (name, item) in table.iter() {
+            let key = if prefix.is_empty() {
+                name.to_string()
+            } else {
+                format!("{prefix}.{name}")
+            };
+            if let Some(inner) = item.as_table_like() {
+                if let Some(found) = walk(inner, &key, offset) {
+                    return Some(found);
+                }
+            } else if item.span().is_some_and(|s| s.contains(&offset)) {
+                return Some(key);
             }
         }
+        None
     }
-    None
+    let doc: toml_edit::Document<String> = toml_edit::Document::parse(text.to_string()).ok()?;
+    walk(doc.as_table(), "", offset)
 }
 
-/// The 1-based line where the dotted `key` (`section.field`) is written in `text`, when it is.
+/// The 1-based line where the dotted `key` (e.g. `sandbox.native.x`) is written in `text`.
 fn line_of_key(text: &str, key: &str) -> Option<usize> {
     let doc: toml_edit::Document<String> = toml_edit::Document::parse(text.to_string()).ok()?;
-    let mut parts = key.split('.');
-    let section = parts.next()?;
-    let field = parts.next();
-    let table = doc.get(section)?;
-    let span = match field {
-        Some(field) => {
-            let table = table.as_table_like()?;
-            let (k, item) = table.get_key_value(field)?;
-            k.span().or_else(|| item.span())?
+    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (k, item) = table.get_key_value(part)?;
+        if parts.peek().is_none() {
+            let span = k.span().or_else(|| item.span())?;
+            return Some(line_of_offset(text, span.start));
         }
-        None => table.span()?,
-    };
-    Some(line_of_offset(text, span.start))
+        table = item.as_table_like()?;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -526,6 +532,15 @@ max_recovery_attempts = 3
         let err = RuntimeConfig::from_toml_str(text).expect_err("0 agents");
         let msg = err.to_string();
         assert!(msg.contains("<string>:4: lifecycle.max_agents"), "{msg}");
+    }
+
+    #[test]
+    fn nested_key_is_located() {
+        let text = "[sandbox]\nstate_dir = \"/x\"\n\n[sandbox.native]\n";
+        assert_eq!(line_of_key(text, "sandbox.state_dir"), Some(2));
+        let text = "[sandbox]\npids_limit = 2\n";
+        let err = RuntimeConfig::from_toml_str(text).expect_err("too few pids");
+        assert!(err.to_string().contains("<string>:2: sandbox.pids_limit"), "{err}");
     }
 
     #[test]

@@ -30,6 +30,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::types::{AgentId, Capability, ResourceLimits, SecurityTier};
 
+pub mod docker;
+pub mod gvisor;
+pub mod microvm;
+pub mod native;
+
 /// A file the runtime places in the sandbox's workspace before the program starts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxFile {
@@ -368,18 +373,33 @@ impl SandboxError {
     }
 }
 
-/// `[sandbox]` configuration.
+/// `[sandbox]` configuration: shared settings plus one sub-table per tier.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SandboxConfig {
     /// Where sandboxes keep their root filesystems, workspaces and images.
     pub state_dir: PathBuf,
+    /// Most processes/threads one sandbox may hold (contains fork bombs).
+    pub pids_limit: u64,
+    /// `[sandbox.native]`
+    pub native: native::NativeConfig,
+    /// `[sandbox.docker]`
+    pub docker: docker::DockerConfig,
+    /// `[sandbox.gvisor]`
+    pub gvisor: gvisor::GvisorConfig,
+    /// `[sandbox.microvm]`
+    pub microvm: microvm::MicrovmConfig,
 }
 
 impl Default for SandboxConfig {
     fn default() -> Self {
         Self {
             state_dir: PathBuf::from("/var/lib/symbiont/sandboxes"),
+            pids_limit: 256,
+            native: Default::default(),
+            docker: Default::default(),
+            gvisor: Default::default(),
+            microvm: Default::default(),
         }
     }
 }
@@ -392,6 +412,16 @@ impl crate::config::Validate for SandboxConfig {
                 "must not be empty",
             ));
         }
+        if self.pids_limit < 8 {
+            issues.push(crate::config::ConfigIssue::new(
+                "sandbox.pids_limit",
+                "must be at least 8",
+            ));
+        }
+        self.native.validate(issues);
+        self.docker.validate(issues);
+        self.gvisor.validate(issues);
+        self.microvm.validate(issues);
     }
 }
 
