@@ -64,3 +64,8 @@ pub fn init_logging(default: &str, format: config::LogFormat) {
         config::LogFormat::Json => builder.json().try_init(),
     };
 }
+
+/// The seed README's code blocks, compiled and run as doctests (see `docs/seed-api.md`).
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/seed-api.md")]
+pub struct SeedApiDoctests;

@@ -264,9 +264,17 @@ pub enum TerminationOutcome {
     Forced,
 }
 
+/// The agent table plus a count of live (non-Terminated) agents, kept under one lock so the
+/// `max_agents` check is O(1).
+#[derive(Default)]
+struct Agents {
+    map: HashMap<AgentId, AgentInstance>,
+    alive: usize,
+}
+
 struct Inner {
     config: LifecycleConfig,
-    agents: RwLock<HashMap<AgentId, AgentInstance>>,
+    agents: RwLock<Agents>,
     driver: Arc<dyn AgentDriver>,
     audit: Option<AuditSink>,
     events: broadcast::Sender<LifecycleEvent>,
@@ -282,7 +290,7 @@ impl std::fmt::Debug for DefaultLifecycleController {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DefaultLifecycleController")
             .field("config", &self.inner.config)
-            .field("agents", &self.inner.agents.read().len())
+            .field("agents", &self.inner.agents.read().map.len())
             .finish()
     }
 }
@@ -317,7 +325,7 @@ impl DefaultLifecycleController {
         let controller = Self {
             inner: Arc::new(Inner {
                 config,
-                agents: RwLock::new(HashMap::new()),
+                agents: RwLock::new(Agents::default()),
                 driver,
                 audit,
                 events,
@@ -360,18 +368,18 @@ impl DefaultLifecycleController {
         let name = agent.config.name.clone();
         {
             let mut agents = self.inner.agents.write();
-            if agents.contains_key(&id) {
+            if agents.map.contains_key(&id) {
                 return Err(LifecycleError::AlreadyExists(id));
             }
             if !state.is_final() {
-                let alive = agents.values().filter(|a| !a.state.is_final()).count();
-                if alive >= self.inner.config.max_agents {
+                if agents.alive >= self.inner.config.max_agents {
                     return Err(LifecycleError::MaxAgentsReached {
                         max: self.inner.config.max_agents,
                     });
                 }
+                agents.alive += 1;
             }
-            agents.insert(id, agent);
+            agents.map.insert(id, agent);
         }
         self.publish(id, None, state, "registered".into());
         if let Some(audit) = &self.inner.audit {
@@ -407,6 +415,7 @@ impl DefaultLifecycleController {
         let from = {
             let mut agents = self.inner.agents.write();
             let agent = agents
+                .map
                 .get_mut(&agent_id)
                 .ok_or(LifecycleError::AgentNotFound(agent_id))?;
             let from = agent.state;
@@ -421,6 +430,9 @@ impl DefaultLifecycleController {
             agent.state_changed_at = SystemTime::now();
             if to == AgentState::Failed {
                 agent.failure_reason = Some(reason.clone());
+            }
+            if to.is_final() {
+                agents.alive -= 1;
             }
             from
         };
@@ -462,6 +474,7 @@ impl DefaultLifecycleController {
         self.inner
             .agents
             .read()
+            .map
             .get(&agent_id)
             .cloned()
             .ok_or(LifecycleError::AgentNotFound(agent_id))
@@ -472,6 +485,7 @@ impl DefaultLifecycleController {
         self.inner
             .agents
             .read()
+            .map
             .get(&agent_id)
             .map(|a| a.state)
             .ok_or(LifecycleError::AgentNotFound(agent_id))
@@ -479,18 +493,19 @@ impl DefaultLifecycleController {
 
     /// Every agent, in no particular order.
     pub fn list_agents(&self) -> Vec<AgentInstance> {
-        self.inner.agents.read().values().cloned().collect()
+        self.inner.agents.read().map.values().cloned().collect()
     }
 
     /// How many agents are registered (including Terminated ones not yet removed).
     pub fn agent_count(&self) -> usize {
-        self.inner.agents.read().len()
+        self.inner.agents.read().map.len()
     }
 
     /// Forgets a Terminated agent (AGENT_002 if it is not Terminated).
     pub fn remove_agent(&self, agent_id: AgentId) -> Result<AgentInstance, LifecycleError> {
         let mut agents = self.inner.agents.write();
         let state = agents
+            .map
             .get(&agent_id)
             .map(|a| a.state)
             .ok_or(LifecycleError::AgentNotFound(agent_id))?;
@@ -502,6 +517,7 @@ impl DefaultLifecycleController {
             });
         }
         agents
+            .map
             .remove(&agent_id)
             .ok_or(LifecycleError::AgentNotFound(agent_id))
     }
@@ -676,7 +692,7 @@ impl DefaultLifecycleController {
             },
             other => other,
         })?;
-        if let Some(agent) = self.inner.agents.write().get_mut(&agent_id) {
+        if let Some(agent) = self.inner.agents.write().map.get_mut(&agent_id) {
             agent.restart_count = attempt;
         }
         tracing::info!(%agent_id, attempt, max, "restarting agent");
@@ -757,6 +773,7 @@ impl DefaultLifecycleController {
             .inner
             .agents
             .read()
+            .map
             .values()
             .filter(|a| {
                 matches!(
