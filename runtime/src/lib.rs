@@ -42,6 +42,7 @@ pub mod integrations;
 pub mod lifecycle;
 pub mod policy;
 pub mod resource;
+pub mod runtime;
 pub mod sandbox;
 pub mod scheduler;
 pub mod storage;
