@@ -106,7 +106,11 @@ pub struct LifecycleEnforcement {
     stop_grace: Duration,
 }
 
-fn action_err(agent: AgentId, action: &'static str, message: impl std::fmt::Display) -> ResourceError {
+fn action_err(
+    agent: AgentId,
+    action: &'static str,
+    message: impl std::fmt::Display,
+) -> ResourceError {
     ResourceError::Action {
         agent,
         action,
@@ -129,7 +133,11 @@ impl LifecycleEnforcement {
         }
     }
 
-    fn sandbox(&self, agent: AgentId, action: &'static str) -> Result<Arc<dyn Sandbox>, ResourceError> {
+    fn sandbox(
+        &self,
+        agent: AgentId,
+        action: &'static str,
+    ) -> Result<Arc<dyn Sandbox>, ResourceError> {
         self.sandboxes
             .get(agent)
             .ok_or_else(|| action_err(agent, action, "no sandbox is registered for this agent"))

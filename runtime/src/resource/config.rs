@@ -259,7 +259,11 @@ impl From<EscalationAction> for EscalationStep {
 #[serde(deny_unknown_fields)]
 struct StepTable {
     action: EscalationAction,
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     grace: Option<Duration>,
 }
 
@@ -408,7 +412,10 @@ impl Validate for EscalationConfig {
         }
         for (key, ladder) in [
             ("resource.escalation.overuse", &self.overuse),
-            ("resource.escalation.execution_timeout", &self.execution_timeout),
+            (
+                "resource.escalation.execution_timeout",
+                &self.execution_timeout,
+            ),
             ("resource.escalation.idle", &self.idle),
         ] {
             if let Some(pos) = ladder.iter().position(|s| s.action.is_final()) {

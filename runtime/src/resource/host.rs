@@ -144,8 +144,7 @@ mod tests {
         );
 
         // Unlimited v1 value is ignored.
-        std::fs::write(v1.join("memory.limit_in_bytes"), "9223372036854771712\n")
-            .expect("write");
+        std::fs::write(v1.join("memory.limit_in_bytes"), "9223372036854771712\n").expect("write");
         assert_eq!(own_cgroup_memory_limit(root.path(), text), None);
 
         let v2 = root.path().join("unified/svc");

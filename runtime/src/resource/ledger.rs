@@ -295,9 +295,11 @@ impl Ledger {
         if mem_ok && cpu_ok && disk_ok && net_ok {
             return Ok(());
         }
-        Err(ResourceError::Insufficient(
-            self.shortage_message(used, req, [mem_ok, cpu_ok, disk_ok, net_ok]),
-        ))
+        Err(ResourceError::Insufficient(self.shortage_message(
+            used,
+            req,
+            [mem_ok, cpu_ok, disk_ok, net_ok],
+        )))
     }
 
     #[cold]

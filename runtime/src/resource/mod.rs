@@ -487,7 +487,11 @@ impl DefaultResourceManager {
         if let Err((field, why)) = limits.validate() {
             return Err(ResourceError::InvalidLimits(format!("{field}: {why}")));
         }
-        let outcome = self.inner.ledger.lock().allocate(agent_id, limits, tier, checked);
+        let outcome = self
+            .inner
+            .ledger
+            .lock()
+            .allocate(agent_id, limits, tier, checked);
         match outcome {
             Ok(Allocated::New(allocation)) => {
                 if let Some(audit) = &self.inner.audit {
@@ -745,7 +749,10 @@ async fn run_round(inner: &Arc<Inner>) -> MonitoringRound {
             round.errors += 1;
         }
         let now = Instant::now();
-        let obs = m.state.lock().observe(now, result, &inner.config.escalation);
+        let obs = m
+            .state
+            .lock()
+            .observe(now, result, &inner.config.escalation);
         if !obs.cleared.is_empty() {
             let agent_id = m.agent_id;
             for kind in &obs.cleared {

@@ -636,7 +636,12 @@ impl AgentMonitor {
     }
 
     /// Records how a planned step ended.
-    pub(crate) fn finish(&mut self, plan: &PlannedAction, outcome: &Result<(), String>, now: Instant) {
+    pub(crate) fn finish(
+        &mut self,
+        plan: &PlannedAction,
+        outcome: &Result<(), String>,
+        now: Instant,
+    ) {
         self.in_flight = false;
         let i = plan.kind.index();
         let l = &mut self.ladders[i];
