@@ -696,3 +696,52 @@ async fn cgroup_usage_source_reads_a_real_cgroup_through_the_monitor() {
     assert!(u.pids >= 1);
     sb.destroy().await.expect("destroy");
 }
+
+#[tokio::test]
+async fn cgroup_reader_fails_on_a_removed_group_and_reopens_a_recreated_one() {
+    require_cgroup_v1();
+    let rel = Path::new("symbiont").join(format!("test-{}", uuid::Uuid::new_v4()));
+    let mk = || {
+        for c in ["memory", "cpuacct", "blkio", "pids"] {
+            std::fs::create_dir_all(Path::new(ROOT).join(c).join(&rel)).expect("mkdir");
+        }
+    };
+    let rm = || {
+        for c in ["memory", "cpuacct", "blkio", "pids"] {
+            let _ = std::fs::remove_dir(Path::new(ROOT).join(c).join(&rel));
+        }
+    };
+    mk();
+    let reader = CgroupStatsReader::v1(ROOT, &rel);
+    let first = reader.read().expect("fresh group reads");
+    assert_eq!(first.cpu_usage_ns, 0);
+    assert_eq!(reader.read().expect("cached read"), first);
+    rm();
+    let err = reader
+        .read()
+        .expect_err("a removed group is an error, not stale numbers");
+    assert!(
+        err.kind() == std::io::ErrorKind::NotFound || err.raw_os_error() == Some(libc::ENODEV),
+        "{err}"
+    );
+    mk();
+    // Put a busy process in the re-created group: the reader must see its CPU time.
+    let procs = Path::new(ROOT)
+        .join("cpuacct")
+        .join(&rel)
+        .join("cgroup.procs");
+    let mut child = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {}; exec sh -c 'while :; do :; done'",
+            procs.display()
+        ))
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_millis(300));
+    let again = reader.read().expect("re-created group reads");
+    let _ = child.kill();
+    let _ = child.wait();
+    rm();
+    assert!(again.cpu_usage_ns > 10_000_000, "{again:?}");
+}

@@ -19,9 +19,13 @@
 
 use std::fs::File;
 use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 
 use super::monitor::UsageSource;
 use super::ResourceError;
@@ -51,16 +55,153 @@ pub enum CgroupLayout {
     },
 }
 
-/// Reads one cgroup's usage counters.
+/// One counter file and how to read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Field {
+    /// A plain number of bytes: current memory.
+    Memory,
+    /// A plain number of bytes: peak memory.
+    MemoryPeak,
+    /// A plain number of nanoseconds (v1 `cpuacct.usage`).
+    CpuNs,
+    /// `usage_usec` of a v2 `cpu.stat`.
+    CpuStatUsec,
+    /// A v1 `blkio.throttle.io_service_bytes*` table.
+    BlkioV1,
+    /// A v2 `io.stat` table.
+    IoStatV2,
+    /// A plain number: processes.
+    Pids,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
+struct Counter {
+    field: Field,
+    path: PathBuf,
+    /// A missing optional file reads as 0 (e.g. `memory.peak` before Linux 5.19).
+    required: bool,
+}
+
+/// The counter files, kept open between samples.
+struct OpenFiles {
+    files: Vec<Option<File>>,
+}
+
+impl Drop for OpenFiles {
+    fn drop(&mut self) {
+        let n = self.files.iter().flatten().count();
+        CACHED_FDS.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// Descriptors currently kept open by all readers.
+static CACHED_FDS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many descriptors readers may keep open: half the soft `RLIMIT_NOFILE`, so the
+/// rest of the process keeps room. Beyond it, readers open and close files per sample.
+fn fd_budget() -> usize {
+    static BUDGET: OnceLock<usize> = OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one rlimit into the valid, exclusively borrowed `lim`.
+        let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+        if rc != 0 {
+            return 0;
+        }
+        usize::try_from(lim.rlim_cur / 2).unwrap_or(usize::MAX)
+    })
+}
+
+/// Reads one cgroup's usage counters.
+///
+/// The counter files are opened on the first read and kept open: a later sample costs one
+/// `pread` per file instead of a path walk, `open` and `close` (several times cheaper on
+/// cgroupfs). Readers together keep at most half the soft `RLIMIT_NOFILE` descriptors open;
+/// past that, files are opened per sample. A cgroup that was removed (its open files then
+/// fail with `ENODEV`) is re-opened once; if it is really gone, `read` fails.
 pub struct CgroupStatsReader {
     layout: CgroupLayout,
+    counters: Vec<Counter>,
+    cache: Mutex<Option<Arc<OpenFiles>>>,
+}
+
+impl Clone for CgroupStatsReader {
+    fn clone(&self) -> Self {
+        Self::new(self.layout.clone())
+    }
+}
+
+impl PartialEq for CgroupStatsReader {
+    fn eq(&self, other: &Self) -> bool {
+        self.layout == other.layout
+    }
+}
+
+impl Eq for CgroupStatsReader {}
+
+impl std::fmt::Debug for CgroupStatsReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CgroupStatsReader")
+            .field("layout", &self.layout)
+            .field("cached", &self.cache.lock().is_some())
+            .finish()
+    }
 }
 
 impl CgroupStatsReader {
     /// A reader for an explicit layout.
     pub fn new(layout: CgroupLayout) -> Self {
-        Self { layout }
+        let c = |field, path: PathBuf, required| Counter {
+            field,
+            path,
+            required,
+        };
+        let counters = match &layout {
+            CgroupLayout::V1 {
+                memory,
+                cpuacct,
+                blkio,
+                pids,
+            } => {
+                let mut v = vec![
+                    c(Field::Memory, memory.join("memory.usage_in_bytes"), true),
+                    c(
+                        Field::MemoryPeak,
+                        memory.join("memory.max_usage_in_bytes"),
+                        true,
+                    ),
+                    c(Field::CpuNs, cpuacct.join("cpuacct.usage"), true),
+                ];
+                if let Some(blkio) = blkio {
+                    v.push(c(
+                        Field::BlkioV1,
+                        blkio.join("blkio.throttle.io_service_bytes_recursive"),
+                        true,
+                    ));
+                }
+                if let Some(pids) = pids {
+                    v.push(c(Field::Pids, pids.join("pids.current"), true));
+                }
+                v
+            }
+            CgroupLayout::V2 { dir } => vec![
+                c(Field::Memory, dir.join("memory.current"), true),
+                // memory.peak exists since Linux 5.19.
+                c(Field::MemoryPeak, dir.join("memory.peak"), false),
+                c(Field::CpuStatUsec, dir.join("cpu.stat"), true),
+                // io.stat and pids.current exist when those controllers are enabled.
+                c(Field::IoStatV2, dir.join("io.stat"), false),
+                c(Field::Pids, dir.join("pids.current"), false),
+            ],
+        };
+        Self {
+            layout,
+            counters,
+            cache: Mutex::new(None),
+        }
     }
 
     /// The cgroup v1 group `relative` (e.g. `symbiont/agent-…`) in the hierarchies mounted
@@ -111,63 +252,127 @@ impl CgroupStatsReader {
 
     /// Reads the counters now. Fails when the cgroup is gone.
     pub fn read(&self) -> io::Result<SandboxStats> {
-        let mut buf = String::with_capacity(256);
-        let mut stats = SandboxStats::default();
-        match &self.layout {
-            CgroupLayout::V1 {
-                memory,
-                cpuacct,
-                blkio,
-                pids,
-            } => {
-                stats.memory_bytes = read_u64(&memory.join("memory.usage_in_bytes"), &mut buf)?;
-                stats.memory_peak_bytes =
-                    read_u64(&memory.join("memory.max_usage_in_bytes"), &mut buf)?;
-                stats.cpu_usage_ns = read_u64(&cpuacct.join("cpuacct.usage"), &mut buf)?;
-                if let Some(blkio) = blkio {
-                    read_file(
-                        &blkio.join("blkio.throttle.io_service_bytes_recursive"),
-                        &mut buf,
-                    )?;
-                    let (r, w) = parse_blkio_v1(&buf);
-                    stats.disk_read_bytes = r;
-                    stats.disk_write_bytes = w;
+        let mut buf = Vec::with_capacity(512);
+        if let Some(files) = self.open_cached() {
+            match self.read_with(&mut buf, |i, path, buf| match &files.files[i] {
+                Some(f) => pread_all(f, buf),
+                None => read_path(path, buf),
+            }) {
+                Ok(stats) => return Ok(stats),
+                // Stale descriptors (the cgroup was removed, maybe re-created): drop them
+                // and read by path once.
+                Err(_) => {
+                    self.cache.lock().take();
                 }
-                if let Some(pids) = pids {
-                    stats.pids = read_u64(&pids.join("pids.current"), &mut buf)?;
-                }
-            }
-            CgroupLayout::V2 { dir } => {
-                stats.memory_bytes = read_u64(&dir.join("memory.current"), &mut buf)?;
-                // memory.peak exists since Linux 5.19.
-                stats.memory_peak_bytes =
-                    read_u64(&dir.join("memory.peak"), &mut buf).unwrap_or(stats.memory_bytes);
-                read_file(&dir.join("cpu.stat"), &mut buf)?;
-                stats.cpu_usage_ns = parse_keyed(&buf, "usage_usec")
-                    .unwrap_or(0)
-                    .saturating_mul(1000);
-                // io.stat is present only when the io controller is enabled for the group.
-                if read_file(&dir.join("io.stat"), &mut buf).is_ok() {
-                    let (r, w) = parse_io_stat_v2(&buf);
-                    stats.disk_read_bytes = r;
-                    stats.disk_write_bytes = w;
-                }
-                stats.pids = read_u64(&dir.join("pids.current"), &mut buf).unwrap_or(0);
             }
         }
+        self.read_with(&mut buf, |_, path, buf| read_path(path, buf))
+    }
+
+    fn open_cached(&self) -> Option<Arc<OpenFiles>> {
+        let mut cache = self.cache.lock();
+        if let Some(files) = &*cache {
+            return Some(files.clone());
+        }
+        let n = self.counters.len();
+        if CACHED_FDS.fetch_add(n, Ordering::Relaxed) + n > fd_budget() {
+            CACHED_FDS.fetch_sub(n, Ordering::Relaxed);
+            return None;
+        }
+        let mut files = OpenFiles { files: Vec::new() };
+        for counter in &self.counters {
+            match File::open(&counter.path) {
+                Ok(f) => files.files.push(Some(f)),
+                Err(_) if !counter.required => {
+                    CACHED_FDS.fetch_sub(1, Ordering::Relaxed);
+                    files.files.push(None);
+                }
+                Err(_) => {
+                    // Not there (yet): give back the descriptors not opened (dropping
+                    // `files` gives back those that were) and read by path.
+                    CACHED_FDS.fetch_sub(n - files.files.len(), Ordering::Relaxed);
+                    return None;
+                }
+            }
+        }
+        let files = Arc::new(files);
+        *cache = Some(files.clone());
+        Some(files)
+    }
+
+    fn read_with(
+        &self,
+        buf: &mut Vec<u8>,
+        mut read: impl FnMut(usize, &Path, &mut Vec<u8>) -> io::Result<()>,
+    ) -> io::Result<SandboxStats> {
+        let mut stats = SandboxStats::default();
+        let mut peak = None;
+        for (i, counter) in self.counters.iter().enumerate() {
+            buf.clear();
+            match read(i, &counter.path, buf) {
+                Ok(()) => {}
+                Err(e) if !counter.required && e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("{}: {e}", counter.path.display()),
+                    ))
+                }
+            }
+            let text = std::str::from_utf8(buf).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: {e}", counter.path.display()),
+                )
+            })?;
+            match counter.field {
+                Field::Memory => stats.memory_bytes = parse_number(&counter.path, text)?,
+                Field::MemoryPeak => peak = Some(parse_number(&counter.path, text)?),
+                Field::CpuNs => stats.cpu_usage_ns = parse_number(&counter.path, text)?,
+                Field::CpuStatUsec => {
+                    stats.cpu_usage_ns = parse_keyed(text, "usage_usec")
+                        .unwrap_or(0)
+                        .saturating_mul(1000)
+                }
+                Field::BlkioV1 => {
+                    (stats.disk_read_bytes, stats.disk_write_bytes) = parse_blkio_v1(text)
+                }
+                Field::IoStatV2 => {
+                    (stats.disk_read_bytes, stats.disk_write_bytes) = parse_io_stat_v2(text)
+                }
+                Field::Pids => stats.pids = parse_number(&counter.path, text)?,
+            }
+        }
+        stats.memory_peak_bytes = peak.unwrap_or(stats.memory_bytes);
         Ok(stats)
     }
 }
 
-fn read_file(path: &Path, buf: &mut String) -> io::Result<()> {
-    buf.clear();
-    File::open(path)?.read_to_string(buf)?;
+/// Reads a whole pseudo-file from offset 0 of an open descriptor (cgroupfs regenerates
+/// the contents when a read starts at 0).
+fn pread_all(file: &File, buf: &mut Vec<u8>) -> io::Result<()> {
+    let mut chunk = [0u8; 512];
+    let mut off = 0u64;
+    loop {
+        let n = file.read_at(&mut chunk, off)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        off += n as u64;
+        if n < chunk.len() {
+            return Ok(());
+        }
+    }
+}
+
+fn read_path(path: &Path, buf: &mut Vec<u8>) -> io::Result<()> {
+    File::open(path)?.read_to_end(buf)?;
     Ok(())
 }
 
-fn read_u64(path: &Path, buf: &mut String) -> io::Result<u64> {
-    read_file(path, buf)?;
-    let text = buf.trim();
+fn parse_number(path: &Path, text: &str) -> io::Result<u64> {
+    let text = text.trim();
     if text == "max" {
         return Ok(u64::MAX);
     }
@@ -177,6 +382,12 @@ fn read_u64(path: &Path, buf: &mut String) -> io::Result<u64> {
             format!("{}: expected a number, got {text:?}: {e}", path.display()),
         )
     })
+}
+
+fn read_u64(path: &Path) -> io::Result<u64> {
+    let mut buf = Vec::with_capacity(32);
+    read_path(path, &mut buf)?;
+    parse_number(path, &String::from_utf8_lossy(&buf))
 }
 
 /// Sums the `Read` and `Write` lines of a v1 `blkio.throttle.io_service_bytes*` file
@@ -225,10 +436,9 @@ pub fn parse_keyed(text: &str, key: &str) -> Option<u64> {
 /// `/sys/class/net/<iface>/statistics/{rx,tx}_bytes`.
 pub fn read_interface_counters(iface: &str) -> io::Result<(u64, u64)> {
     let base = Path::new("/sys/class/net").join(iface).join("statistics");
-    let mut buf = String::with_capacity(32);
     Ok((
-        read_u64(&base.join("rx_bytes"), &mut buf)?,
-        read_u64(&base.join("tx_bytes"), &mut buf)?,
+        read_u64(&base.join("rx_bytes"))?,
+        read_u64(&base.join("tx_bytes"))?,
     ))
 }
 
@@ -354,6 +564,32 @@ mod tests {
         assert_eq!(stats.cpu_usage_ns, 7000);
         assert_eq!((stats.disk_read_bytes, stats.disk_write_bytes), (1, 2));
         assert_eq!(stats.pids, 1);
+    }
+
+    #[test]
+    fn cached_reads_see_new_values() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().join("g");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let write = |cpu: &str| {
+            std::fs::write(dir.join("memory.current"), "1\n").expect("write");
+            std::fs::write(dir.join("cpu.stat"), cpu).expect("write");
+        };
+        write("usage_usec 1\n");
+        let reader = CgroupStatsReader::v2(&dir);
+        assert_eq!(reader.read().expect("read").cpu_usage_ns, 1000);
+        assert!(reader.cache.lock().is_some(), "descriptors kept");
+        // Same inode rewritten in place: the kept descriptor sees it.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(dir.join("cpu.stat"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"usage_usec 22\n"))
+            .expect("rewrite");
+        assert_eq!(reader.read().expect("read").cpu_usage_ns, 22_000);
+        // (Removal and re-creation need cgroupfs semantics — reads of a removed group's
+        // open files fail with ENODEV — and are tested on real cgroups in
+        // tests/resource.rs.)
     }
 
     #[test]
