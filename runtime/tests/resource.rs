@@ -369,6 +369,7 @@ async fn harness(escalation: EscalationConfig, enforcement: bool) -> Harness {
     .build()
     .await
     .expect("manager");
+    manager.follow_lifecycle(&controller);
     Harness {
         manager,
         controller,

@@ -51,13 +51,15 @@ use std::sync::{Arc, Weak};
 use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
+use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::Validate;
 use crate::integrations::audit_trail::{AuditEvent, AuditEventType, AuditSink};
+use crate::lifecycle::DefaultLifecycleController;
 use crate::sandbox::{EnforcementSupport, Sandbox, SandboxBackend};
-use crate::types::{AgentId, ResourceLimits, SecurityTier};
+use crate::types::{AgentId, AgentState, ResourceLimits, SecurityTier};
 
 mod actions;
 mod cgroup_stats;
@@ -672,6 +674,43 @@ impl DefaultResourceManager {
         if let Some(m) = self.inner.monitored.read().get(&agent_id) {
             m.state.lock().clear_violations(Instant::now());
         }
+    }
+
+    /// Keeps monitoring in step with `controller`'s state changes (runs until the
+    /// controller or this manager is dropped):
+    /// - Suspended: the agent is not counted as idle while frozen;
+    /// - Suspended → Ready/Running/Waiting (a resume): violations are forgotten and a
+    ///   suspend hold is released, as [`Self::clear_violations`] does;
+    /// - Failed or Terminated: monitoring stops (a restart registers the new sandbox).
+    pub fn follow_lifecycle(&self, controller: &DefaultLifecycleController) -> JoinHandle<()> {
+        let mut events = controller.subscribe();
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let event = match events.recv().await {
+                    Ok(event) => event,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "resource monitor missed lifecycle events");
+                        continue;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                };
+                let Some(inner) = weak.upgrade() else { break };
+                let manager = DefaultResourceManager { inner };
+                let id = event.agent_id;
+                match event.to {
+                    AgentState::Failed | AgentState::Terminated => {
+                        manager.unregister(id);
+                    }
+                    to => {
+                        let suspended = to == AgentState::Suspended;
+                        if let Some(m) = manager.inner.monitored.read().get(&id) {
+                            m.state.lock().set_suspended(suspended, Instant::now());
+                        }
+                    }
+                }
+            }
+        })
     }
 
     /// The agent's latest usage.

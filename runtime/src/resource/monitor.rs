@@ -301,6 +301,8 @@ pub(crate) struct AgentMonitor {
     ladders: [Ladder; 6],
     in_flight: bool,
     held: Option<ViolationKind>,
+    /// Suspended (by anyone): idleness is not the agent's doing.
+    suspended: bool,
     retired: bool,
 }
 
@@ -324,6 +326,7 @@ impl AgentMonitor {
             ladders: Default::default(),
             in_flight: false,
             held: None,
+            suspended: false,
             retired: false,
         }
     }
@@ -352,6 +355,15 @@ impl AgentMonitor {
         self.held = None;
         self.prev = None;
         self.record_activity(now);
+    }
+
+    /// The lifecycle says the agent is (no longer) suspended. Leaving suspension releases a
+    /// hold and forgets violations, as an operator's resume does.
+    pub(crate) fn set_suspended(&mut self, suspended: bool, now: Instant) {
+        if self.suspended && !suspended {
+            self.clear_violations(now);
+        }
+        self.suspended = suspended;
     }
 
     /// New allocated limits (after `update_allocation`).
@@ -474,7 +486,8 @@ impl AgentMonitor {
         let idle_i = ViolationKind::Idle.index();
         // An agent we froze is idle because of us: that is not the agent's violation.
         let frozen_by_us = self.held.is_some_and(|k| k != ViolationKind::Idle);
-        active[idle_i] = !frozen_by_us && idle_for >= limits.idle_timeout;
+        let frozen = frozen_by_us || (self.suspended && self.held.is_none());
+        active[idle_i] = !frozen && idle_for >= limits.idle_timeout;
         if active[idle_i] {
             details[idle_i] = Some(format!(
                 "idle: no activity for {}, idle_timeout {}",

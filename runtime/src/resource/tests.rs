@@ -1128,6 +1128,54 @@ async fn registering_requires_an_allocation_and_deallocation_stops_monitoring() 
     assert!(m.usage(id).is_none());
 }
 
+#[tokio::test(start_paused = true)]
+async fn following_the_lifecycle_pauses_idle_checks_while_suspended_and_stops_on_termination() {
+    use crate::lifecycle::{DefaultLifecycleController, LifecycleConfig};
+    let controller = DefaultLifecycleController::new(LifecycleConfig::default())
+        .await
+        .expect("controller");
+    let mut l = limits(64, 1.0);
+    l.idle_timeout = Duration::from_secs(3);
+    let r = rig(escalation_cfg(), l.clone(), 0.0).await;
+    let follower = r.m.follow_lifecycle(&controller);
+    controller
+        .register_agent(crate::types::AgentConfig {
+            id: r.id,
+            resource_limits: l,
+            ..Default::default()
+        })
+        .expect("registered");
+    controller.initialize_agent(r.id).await.expect("ready");
+    controller.start_agent(r.id).await.expect("running");
+    controller
+        .suspend_agent(r.id, "operator")
+        .await
+        .expect("suspended");
+    tokio::task::yield_now().await;
+    for _ in 0..10 {
+        assert!(r.tick().await.is_empty(), "a suspended agent is not idle");
+    }
+    controller.resume_agent(r.id).await.expect("resumed");
+    tokio::task::yield_now().await;
+    // Idle clock restarted at the resume: stop after 3 more seconds, not at once.
+    assert!(r.tick().await.is_empty());
+    assert!(r.tick().await.is_empty());
+    let mut stopped = Vec::new();
+    for _ in 0..3 {
+        stopped.extend(r.tick().await);
+    }
+    assert_eq!(stopped.len(), 1);
+    assert_eq!(stopped[0].kind, ViolationKind::Idle);
+
+    // A fresh registration is dropped when the agent terminates.
+    r.m.register_usage_source(r.id, r.source.clone())
+        .expect("registered again");
+    controller.terminate_agent(r.id).await.expect("terminated");
+    tokio::task::yield_now().await;
+    assert!(r.m.usage(r.id).is_none());
+    follower.abort();
+}
+
 // ---- configuration ------------------------------------------------------------------
 
 #[test]
