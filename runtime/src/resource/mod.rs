@@ -442,9 +442,15 @@ impl DefaultResourceManager {
         tier: SecurityTier,
         support: EnforcementSupport,
     ) -> Result<ResourceAllocation, ResourceError> {
+        if let Err((field, why)) = limits.validate() {
+            return Err(ResourceError::InvalidLimits(format!("{field}: {why}")));
+        }
         let checked = self.inner.config.enforcement_enabled;
         if checked {
-            self.check_enforceable(&limits, tier, &support)?;
+            if let Err(e) = self.check_enforceable(&limits, tier, &support) {
+                self.refused(agent_id, &e);
+                return Err(e);
+            }
         }
         self.allocate_inner(agent_id, &limits, Some(tier), checked)
     }
@@ -519,20 +525,25 @@ impl DefaultResourceManager {
             }
             Ok(Allocated::Existing(allocation)) => Ok(allocation),
             Err(e) => {
-                tracing::info!(%agent_id, code = e.code(), error = %e, "allocation refused");
-                if let Some(audit) = &self.inner.audit {
-                    audit.submit(
-                        AuditEvent::new(
-                            AuditEventType::ResourceViolation,
-                            Some(agent_id),
-                            format!("allocation refused: {e}"),
-                        )
-                        .with("code", e.code())
-                        .with("action", "refuse"),
-                    );
-                }
+                self.refused(agent_id, &e);
                 Err(e)
             }
+        }
+    }
+
+    #[cold]
+    fn refused(&self, agent_id: AgentId, e: &ResourceError) {
+        tracing::info!(%agent_id, code = e.code(), error = %e, "allocation refused");
+        if let Some(audit) = &self.inner.audit {
+            audit.submit(
+                AuditEvent::new(
+                    AuditEventType::ResourceViolation,
+                    Some(agent_id),
+                    format!("allocation refused: {e}"),
+                )
+                .with("code", e.code())
+                .with("action", "refuse"),
+            );
         }
     }
 

@@ -560,7 +560,13 @@ impl AgentMonitor {
                 step,
                 ladder_len: ladder_cfg.len(),
                 action,
-                reason: format!("{} (RESOURCE_003)", l.detail),
+                reason: {
+                    let e = ResourceError::LimitExceeded {
+                        agent: self.agent_id,
+                        detail: l.detail.clone(),
+                    };
+                    format!("{e} ({})", e.code())
+                },
                 new_limits,
             });
         }
