@@ -501,6 +501,18 @@ impl DefaultScheduler {
         self.shared.wake.notify_one();
     }
 
+    /// Waits until every record write issued so far is committed to the store (a no-op
+    /// without a store).
+    pub async fn flush(&self) -> Result<(), SchedulerError> {
+        match &self.shared.journal {
+            Some(journal) => journal
+                .write(Vec::new())
+                .await
+                .map_err(|e| SchedulerError::SchedulingFailed(format!("flush failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+
     /// Waits until no task is queued, delayed, waiting or running.
     pub async fn wait_idle(&self) {
         loop {
@@ -532,8 +544,12 @@ impl DefaultScheduler {
 }
 
 impl Shared {
+    /// The scheduler's wall clock: the later of the system clock and the monotonic clock
+    /// anchored at start. A system clock stepped backwards does not hold tasks back, and a
+    /// paused Tokio clock (tests) moves it.
     fn wall_now(&self) -> SystemTime {
-        self.epoch_wall + Instant::now().saturating_duration_since(self.epoch)
+        let anchored = self.epoch_wall + Instant::now().saturating_duration_since(self.epoch);
+        anchored.max(SystemTime::now())
     }
 
     fn effective_timeout(&self, task: &ScheduledTask) -> Duration {
