@@ -556,6 +556,16 @@ impl DefaultErrorHandler {
             .unwrap_or(0)
     }
 
+    /// How many times the agent's breaker has opened.
+    pub fn circuit_openings(&self, agent_id: AgentId) -> u32 {
+        self.inner
+            .agents
+            .lock()
+            .get(&agent_id)
+            .map(|r| r.breaker.times_opened())
+            .unwrap_or(0)
+    }
+
     /// The agent's last error, as `CODE: message`.
     pub fn last_error(&self, agent_id: AgentId) -> Option<String> {
         self.inner
