@@ -319,6 +319,7 @@ async fn the_concurrency_cap_holds_under_load_across_agents() {
     });
     let config = SchedulerConfig {
         max_concurrent_tasks: 5,
+        critical_reserved_slots: 2,
         load_balancing_strategy: LoadBalancingStrategy::LeastConnections,
         ..Default::default()
     };
@@ -347,6 +348,46 @@ async fn the_concurrency_cap_holds_under_load_across_agents() {
     s.wait_idle().await;
     assert_eq!(peak.load(Ordering::SeqCst), 5, "peak concurrency");
     assert_eq!(s.stats().completed, 400);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_critical_task_starts_at_once_in_a_reserved_slot_when_the_queue_is_full() {
+    let (table, agent) = one_agent();
+    // Low tasks hang; Critical tasks finish at once.
+    let rec = Recorder::new(|ctx| {
+        Box::pin(async move {
+            if ctx.priority != Priority::Critical {
+                std::future::pending::<()>().await;
+            }
+            Ok(TaskOutput::default())
+        })
+    });
+    let config = SchedulerConfig {
+        max_concurrent_tasks: 4,
+        critical_reserved_slots: 1,
+        max_queued_tasks: 50,
+        ..Default::default()
+    };
+    let s = scheduler_with(config, table, Some(rec.clone())).await;
+    for _ in 0..52 {
+        s.schedule_task(task(agent, Priority::Low))
+            .await
+            .expect("low");
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let stats = s.stats();
+    assert_eq!(stats.running, 3, "Low tasks use the unreserved slots only: {stats:?}");
+    assert_eq!(stats.queued, 49, "{stats:?}");
+    let t0 = Instant::now();
+    let c = s
+        .schedule_task(task(agent, Priority::Critical))
+        .await
+        .expect("one place left in the queue");
+    let r = s.wait_task(c).await.expect("critical");
+    assert_eq!(r.status, TaskStatus::Completed);
+    assert_eq!(Instant::now(), t0, "no time passed: it did not wait for a slot");
+    assert!(s.stats().running <= 4);
 }
 
 /// An executor whose tasks run `sleep 100` as a real child process and whose cancel hook
@@ -1042,6 +1083,7 @@ async fn kill9_child_process_entry() {
     let s = DefaultScheduler::with_parts(
         SchedulerConfig {
             max_concurrent_tasks: 2,
+            critical_reserved_slots: 0,
             ..Default::default()
         },
         SchedulerParts {
@@ -1086,6 +1128,16 @@ async fn kill9_child_process_entry() {
     std::future::pending::<()>().await;
 }
 
+/// Kills the child if the test fails before it does (no orphan outlives the test).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn started_marks(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .expect("dir")
@@ -1101,15 +1153,17 @@ fn started_marks(dir: &Path) -> Vec<String> {
 async fn queued_and_running_tasks_survive_a_kill_9() {
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = std::env::current_exe().expect("test binary");
-    let mut child = std::process::Command::new(exe)
-        .args(["--exact", "kill9_child_process_entry", "--nocapture"])
-        .env(CHILD_ENV, dir.path())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn child");
+    let mut child = KillOnDrop(
+        std::process::Command::new(exe)
+            .args(["--exact", "kill9_child_process_entry", "--nocapture"])
+            .env(CHILD_ENV, dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn child"),
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !dir.path().join("ready").exists() {
-        if let Some(status) = child.try_wait().expect("try_wait") {
+        if let Some(status) = child.0.try_wait().expect("try_wait") {
             panic!("child exited early: {status}");
         }
         assert!(
@@ -1119,8 +1173,8 @@ async fn queued_and_running_tasks_survive_a_kill_9() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // SIGKILL: no destructor, no flush, no goodbye.
-    child.kill().expect("kill -9");
-    let status = child.wait().expect("wait");
+    child.0.kill().expect("kill -9");
+    let status = child.0.wait().expect("wait");
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(9), "child ended by {status}");
     let before = started_marks(dir.path());

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::balance;
 use super::cron_schedule::{parse_cron, CronSchedule};
 use super::journal::{delete_op, put_op, Journal};
-use super::queue::{rank, DelayQueue, ReadyQueue};
+use super::queue::{rank, DelayQueue, ReadyQueues};
 use super::traits::{
     AgentDirectory, AgentTable, CancelReason, FailurePolicy, LoadSource, RetryCountPolicy,
     RetryDecision, TaskContext, TaskExecutor, TaskOutput,
@@ -129,11 +129,12 @@ struct CronEntry {
 #[derive(Default)]
 struct State {
     tasks: HashMap<TaskId, Entry>,
-    ready: ReadyQueue,
+    ready: ReadyQueues,
     delayed: DelayQueue,
     waiting: Vec<TaskId>,
     next_wait_recheck: Option<Instant>,
     running: usize,
+    running_critical: usize,
     running_per_agent: HashMap<AgentId, usize>,
     n_queued: usize,
     n_delayed: usize,
@@ -178,8 +179,11 @@ impl State {
         self.count(to, 1);
     }
 
-    fn release_slot(&mut self, agent: Option<AgentId>) {
+    fn release_slot(&mut self, agent: Option<AgentId>, critical: bool) {
         self.running = self.running.saturating_sub(1);
+        if critical {
+            self.running_critical = self.running_critical.saturating_sub(1);
+        }
         if let Some(agent) = agent {
             if let Some(n) = self.running_per_agent.get_mut(&agent) {
                 *n -= 1;
@@ -748,8 +752,8 @@ impl Shared {
             Some(due) => st.delayed.push(due, seq, id),
             None => {
                 entry.rank = rank(epoch, now, entry.record.task.priority, aging);
-                let r = entry.rank;
-                st.ready.push(r, seq, id);
+                let (r, p) = (entry.rank, entry.record.task.priority);
+                st.ready.push(r, seq, id, p);
             }
         }
     }
@@ -831,9 +835,9 @@ impl Shared {
             }
             entry.seq = seq;
             entry.rank = rank(self.epoch, due, entry.record.task.priority, aging);
-            let r = entry.rank;
+            let (r, p) = (entry.rank, entry.record.task.priority);
             st.set_status(id, TaskStatus::Queued);
-            st.ready.push(r, seq, id);
+            st.ready.push(r, seq, id, p);
         }
 
         // Tasks waiting for their agent go back to the ready queue at their old rank.
@@ -852,9 +856,9 @@ impl Shared {
                     continue;
                 }
                 entry.seq = seq;
-                let r = entry.rank;
+                let (r, p) = (entry.rank, entry.record.task.priority);
                 st.set_status(id, TaskStatus::Queued);
-                st.ready.push(r, seq, id);
+                st.ready.push(r, seq, id, p);
             }
             st.next_wait_recheck = None;
         }
@@ -863,8 +867,11 @@ impl Shared {
         let executor = self.executor.read().clone();
         if let Some(executor) = executor {
             if !self.shutdown.is_cancelled() {
-                while st.running < self.config.max_concurrent_tasks {
-                    let Some((_, seq, id)) = st.ready.pop() else {
+                let cap = self.config.max_concurrent_tasks;
+                let reserved = self.config.critical_reserved_slots.min(cap - 1);
+                while st.running < cap {
+                    let allow_other = st.running - st.running_critical < cap - reserved;
+                    let Some((_, seq, id)) = st.ready.pop(allow_other) else {
                         break;
                     };
                     let target = match st.tasks.get(&id) {
@@ -929,6 +936,13 @@ impl Shared {
         let token = self.shutdown.child_token();
         st.set_status(id, TaskStatus::Running);
         st.running += 1;
+        let critical = st
+            .tasks
+            .get(&id)
+            .is_some_and(|e| e.record.task.priority == crate::types::Priority::Critical);
+        if critical {
+            st.running_critical += 1;
+        }
         *st.running_per_agent.entry(agent).or_insert(0) += 1;
         let timeout;
         let entry = st.tasks.get_mut(&id)?;
@@ -998,10 +1012,11 @@ impl Shared {
         entry.record.output = output;
         entry.cancel = None;
         let agent = entry.record.assigned_agent;
+        let critical = entry.record.task.priority == crate::types::Priority::Critical;
         let waiters = std::mem::take(&mut entry.waiters);
         let record = entry.record.clone();
         if was_running {
-            st.release_slot(agent);
+            st.release_slot(agent, critical);
         }
         match status {
             TaskStatus::Completed => st.stats.completed += 1,
@@ -1095,12 +1110,13 @@ impl Shared {
                 return;
             };
             let agent = entry.record.assigned_agent;
+            let critical = entry.record.task.priority == crate::types::Priority::Critical;
             entry.record.last_error = Some(error);
             entry.cancel = None;
             entry.seq = seq;
             let record = entry.record.clone();
             st.set_status(id, TaskStatus::Delayed);
-            st.release_slot(agent);
+            st.release_slot(agent, critical);
             st.stats.retried += 1;
             st.delayed.push(now + after, seq, id);
             if self.journal.is_some() {
@@ -1121,9 +1137,18 @@ impl Shared {
     /// the store so that the next start re-runs it.
     fn abandon(&self, id: TaskId) {
         let mut st = self.state.lock();
-        let agent = st.tasks.get(&id).and_then(|e| e.record.assigned_agent);
+        let (agent, critical) = st
+            .tasks
+            .get(&id)
+            .map(|e| {
+                (
+                    e.record.assigned_agent,
+                    e.record.task.priority == crate::types::Priority::Critical,
+                )
+            })
+            .unwrap_or((None, false));
         st.set_status(id, TaskStatus::Queued);
-        st.release_slot(agent);
+        st.release_slot(agent, critical);
         drop(st);
         self.idle.notify_waiters();
     }

@@ -120,6 +120,10 @@ pub struct SchedulerConfig {
     pub task_timeout: Duration,
     /// Placement strategy.
     pub load_balancing_strategy: LoadBalancingStrategy,
+    /// Slots of `max_concurrent_tasks` that only Critical tasks may use (at most
+    /// `max_concurrent_tasks − 1`), so that a Critical task starts at once even when the
+    /// others fill every other slot and the queue. The cap still holds for all tasks.
+    pub critical_reserved_slots: usize,
     /// Most tasks waiting (queued, delayed or waiting for their agent) at once; beyond it
     /// `schedule_task` fails with SCHED_001 "queue full".
     pub max_queued_tasks: usize,
@@ -150,6 +154,7 @@ impl Default for SchedulerConfig {
             max_concurrent_tasks: 100,
             task_timeout: Duration::from_secs(300),
             load_balancing_strategy: LoadBalancingStrategy::ResourceBased,
+            critical_reserved_slots: 5,
             max_queued_tasks: 10_000,
             aging_interval: Duration::from_secs(10),
             retry_backoff: Duration::from_secs(1),

@@ -48,6 +48,39 @@ impl ReadyQueue {
     pub(crate) fn pop(&mut self) -> Option<(i128, u64, TaskId)> {
         self.heap.pop().map(|Reverse(e)| e)
     }
+
+    fn peek(&self) -> Option<(i128, u64)> {
+        self.heap.peek().map(|Reverse((r, s, _))| (*r, *s))
+    }
+}
+
+/// Two ready queues ranked alike: Critical tasks and the others, so that Critical tasks can
+/// use reserved slots while the others' slots are full.
+#[derive(Debug, Default)]
+pub(crate) struct ReadyQueues {
+    critical: ReadyQueue,
+    other: ReadyQueue,
+}
+
+impl ReadyQueues {
+    pub(crate) fn push(&mut self, rank: i128, seq: u64, id: TaskId, priority: Priority) {
+        if priority == Priority::Critical {
+            self.critical.push(rank, seq, id);
+        } else {
+            self.other.push(rank, seq, id);
+        }
+    }
+
+    /// Pops the best-ranked task; only Critical ones unless `allow_other`.
+    pub(crate) fn pop(&mut self, allow_other: bool) -> Option<(i128, u64, TaskId)> {
+        let other = if allow_other { self.other.peek() } else { None };
+        match (self.critical.peek(), other) {
+            (Some(c), Some(o)) if o < c => self.other.pop(),
+            (Some(_), _) => self.critical.pop(),
+            (None, Some(_)) => self.other.pop(),
+            (None, None) => None,
+        }
+    }
 }
 
 /// Tasks not due yet, by due instant.
@@ -123,6 +156,25 @@ mod tests {
         assert_eq!(q.pop().map(|e| e.2), Some(high_early));
         assert_eq!(q.pop().map(|e| e.2), Some(low));
         assert_eq!(q.pop().map(|e| e.2), Some(high_late));
+    }
+
+    #[test]
+    fn ready_queues_merge_by_rank_and_can_serve_critical_only() {
+        let epoch = Instant::now();
+        let aging = Duration::from_secs(1);
+        let mut q = ReadyQueues::default();
+        let old_low = TaskId::new();
+        let crit = TaskId::new();
+        let high = TaskId::new();
+        // A Low task aged 10 s outranks a fresh Critical one.
+        q.push(rank(epoch, epoch, Priority::Low, aging), 0, old_low, Priority::Low);
+        let later = epoch + Duration::from_secs(10);
+        q.push(rank(epoch, later, Priority::Critical, aging), 1, crit, Priority::Critical);
+        q.push(rank(epoch, later, Priority::High, aging), 2, high, Priority::High);
+        assert_eq!(q.pop(false).map(|e| e.2), Some(crit));
+        assert_eq!(q.pop(false), None);
+        assert_eq!(q.pop(true).map(|e| e.2), Some(old_low));
+        assert_eq!(q.pop(true).map(|e| e.2), Some(high));
     }
 
     #[test]
