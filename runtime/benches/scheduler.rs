@@ -4,10 +4,12 @@
 //!    of raw Tokio (an mpsc channel into a `BinaryHeap`, one spawned no-op future per item).
 //!    In-memory records (no store), and durable records (SQLite, `synchronous=FULL`,
 //!    group-committed, many concurrent producers).
-//! 2. Queueing delay of a Critical task under a full queue (refilled to
-//!    `max_queued_tasks − 1` = 10,000 Low no-op tasks before each sample, the dispatcher
-//!    draining them at full speed): from the `schedule_task` call to the start of its
-//!    execution; p50/p99 over 1,000 samples, against the same measurement on an empty queue.
+//! 2. Queueing delay of a Critical task under a full queue: refilled to
+//!    `max_queued_tasks − 1` = 10,000 Low tasks before each sample, every unreserved slot
+//!    busy with a 50 ms Low task (the default 5 of 256 slots are reserved for Critical): from
+//!    the `schedule_task` call to the start of its execution; p50/p99 over 1,000 samples,
+//!    against the same measurement on an idle scheduler. Also reported: the same with no-op
+//!    Low tasks draining at full speed (a CPU-saturated dispatcher).
 //!
 //! Run: `cargo bench -p symbiont-runtime --bench scheduler`. Criterion prints its own
 //! estimates; the summary table at the end gives the figures with baselines and ratios.
@@ -41,9 +43,11 @@ impl TaskExecutor for Noop {
     }
 }
 
-/// No-op executor that records when the execution of the marked Critical task started.
+/// Records when the execution of the marked Critical task started; other tasks take
+/// `other_task_time` (zero: no-op).
 struct Marker {
     marked: Mutex<Option<(TaskId, tokio::sync::oneshot::Sender<Instant>)>>,
+    other_task_time: Duration,
 }
 
 #[async_trait]
@@ -57,6 +61,8 @@ impl TaskExecutor for Marker {
                     let _ = tx.send(now);
                 }
             }
+        } else if !self.other_task_time.is_zero() {
+            tokio::time::sleep(self.other_task_time).await;
         }
         Ok(TaskOutput::default())
     }
@@ -131,9 +137,8 @@ async fn scheduler_run(n: usize) -> Duration {
 /// The same work with durable records: `PRODUCERS` concurrent callers, group commits.
 async fn durable_run(n: usize) -> Duration {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(dir.path().join("state.db"), SyncMode::Full).expect("sqlite"),
-    );
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(dir.path().join("state.db"), SyncMode::Full).expect("sqlite"));
     let (s, agent) = scheduler(Some(store), Arc::new(Noop), n).await;
     let start = Instant::now();
     let mut producers = Vec::new();
@@ -198,12 +203,13 @@ async fn baseline_run(n: usize) -> Duration {
 }
 
 /// Queueing delays (schedule call → execution start) of Critical tasks with `backlog` Low
-/// no-op tasks queued ahead of them while the dispatcher drains them at full speed (for
-/// `backlog` 0: an idle scheduler).
-async fn critical_delays(backlog: usize, samples: usize) -> Vec<Duration> {
+/// tasks queued ahead of them, each Low task taking `low_time` (for `backlog` 0: an idle
+/// scheduler).
+async fn critical_delays(backlog: usize, low_time: Duration, samples: usize) -> Vec<Duration> {
     let max_queued = backlog + 1;
     let marker = Arc::new(Marker {
         marked: Mutex::new(None),
+        other_task_time: low_time,
     });
     let (s, agent) = scheduler(None, marker.clone(), max_queued).await;
     let mut delays = Vec::with_capacity(samples);
@@ -240,14 +246,13 @@ fn criterion_benches(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Elements(N as u64));
     g.bench_function("scheduler_in_memory_100k_noop", |b| {
-        b.to_async(&rt)
-            .iter_custom(|iters| async move {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    total += scheduler_run(N).await;
-                }
-                total
-            })
+        b.to_async(&rt).iter_custom(|iters| async move {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += scheduler_run(N).await;
+            }
+            total
+        })
     });
     g.bench_function("baseline_mpsc_binaryheap_100k_noop", |b| {
         b.to_async(&rt).iter_custom(|iters| async move {
@@ -271,11 +276,16 @@ fn summary() {
         sched.push(rt.block_on(scheduler_run(N)));
         base.push(rt.block_on(baseline_run(N)));
     }
-    let durable = median((0..3).map(|_| rt.block_on(durable_run(DURABLE_N))).collect());
+    let durable = median(
+        (0..3)
+            .map(|_| rt.block_on(durable_run(DURABLE_N)))
+            .collect(),
+    );
     let (sched, base) = (median(sched), median(base));
     let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
-    let full = rt.block_on(critical_delays(10_000, 1000));
-    let empty = rt.block_on(critical_delays(0, 1000));
+    let full = rt.block_on(critical_delays(10_000, Duration::from_millis(50), 1000));
+    let saturated = rt.block_on(critical_delays(10_000, Duration::ZERO, 300));
+    let empty = rt.block_on(critical_delays(0, Duration::ZERO, 1000));
     println!();
     println!("== scheduler summary (median of {rounds} interleaved rounds, 2 worker threads) ==");
     println!(
@@ -298,10 +308,15 @@ fn summary() {
         durable
     );
     println!(
-        "critical queueing delay, full queue (10000 queued): p50 {:?}  p99 {:?}  max {:?}",
+        "critical queueing delay, full queue (10000 queued, 251 unreserved slots busy with 50 ms tasks, 5 reserved): p50 {:?}  p99 {:?}  max {:?}",
         percentile(&full, 0.5),
         percentile(&full, 0.99),
         full[full.len() - 1]
+    );
+    println!(
+        "critical queueing delay, saturated dispatcher (10000 queued no-op tasks draining at full speed): p50 {:?}  p99 {:?}",
+        percentile(&saturated, 0.5),
+        percentile(&saturated, 0.99),
     );
     println!(
         "critical queueing delay, empty queue (baseline)   : p50 {:?}  p99 {:?}",

@@ -179,7 +179,10 @@ async fn a_crash_looping_agent_opens_its_breaker_and_ends_failed_with_the_reason
         "closed breaker restarts at once"
     );
     for gap in [starts[2] - starts[1], starts[3] - starts[2]] {
-        assert!(gap >= Duration::from_secs(10), "gap {gap:?} under the open period");
+        assert!(
+            gap >= Duration::from_secs(10),
+            "gap {gap:?} under the open period"
+        );
     }
     let d = decisions(&w.audit);
     assert_eq!(d.iter().filter(|x| *x == "restart").count(), 3, "{d:?}");
@@ -189,7 +192,7 @@ async fn a_crash_looping_agent_opens_its_breaker_and_ends_failed_with_the_reason
         .audit
         .events_of(&AuditEventType::RecoveryAction)
         .iter()
-        .any(|e| e.metadata.get("circuit_opened").is_some()));
+        .any(|e| e.metadata.contains_key("circuit_opened")));
     // The lifecycle controller audited the Failed state too.
     assert!(w
         .audit
@@ -284,7 +287,10 @@ async fn the_breaker_cycles_closed_open_half_open_and_back() {
             remaining: Duration::from_secs(30)
         }
     );
-    assert_eq!(h.check_circuit(agent).expect_err("open").code(), "RECOVERY_001");
+    assert_eq!(
+        h.check_circuit(agent).expect_err("open").code(),
+        "RECOVERY_001"
+    );
     tokio::time::advance(Duration::from_secs(10)).await;
     assert_eq!(h.admission(agent), Some(Duration::from_secs(20)));
     tokio::time::advance(Duration::from_secs(20)).await;
@@ -331,7 +337,8 @@ async fn retry_backoff_grows_exponentially_with_bounded_jitter_and_is_slept() {
         assert_eq!(max_attempts, 10 - n + 1);
         let nominal = (Duration::from_millis(100) * 2u32.pow(n - 1)).min(Duration::from_secs(5));
         assert!(
-            backoff >= nominal.mul_f64(0.7) && backoff <= nominal.mul_f64(1.3).min(Duration::from_secs(5)),
+            backoff >= nominal.mul_f64(0.7)
+                && backoff <= nominal.mul_f64(1.3).min(Duration::from_secs(5)),
             "attempt {n}: {backoff:?} outside ±30 % of {nominal:?}"
         );
         seen.push((backoff, nominal));
@@ -452,6 +459,9 @@ async fn the_executor_suspends_terminates_and_fails_agents_through_the_lifecycle
         .filter_map(|e| e.metadata.get("performed").cloned())
         .collect();
     for p in ["suspend", "terminate", "escalate", "restart"] {
-        assert!(performed.iter().any(|x| x == p), "{p} not audited: {performed:?}");
+        assert!(
+            performed.iter().any(|x| x == p),
+            "{p} not audited: {performed:?}"
+        );
     }
 }

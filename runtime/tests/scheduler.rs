@@ -377,7 +377,10 @@ async fn a_critical_task_starts_at_once_in_a_reserved_slot_when_the_queue_is_ful
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
     let stats = s.stats();
-    assert_eq!(stats.running, 3, "Low tasks use the unreserved slots only: {stats:?}");
+    assert_eq!(
+        stats.running, 3,
+        "Low tasks use the unreserved slots only: {stats:?}"
+    );
     assert_eq!(stats.queued, 49, "{stats:?}");
     let t0 = Instant::now();
     let c = s
@@ -386,7 +389,11 @@ async fn a_critical_task_starts_at_once_in_a_reserved_slot_when_the_queue_is_ful
         .expect("one place left in the queue");
     let r = s.wait_task(c).await.expect("critical");
     assert_eq!(r.status, TaskStatus::Completed);
-    assert_eq!(Instant::now(), t0, "no time passed: it did not wait for a slot");
+    assert_eq!(
+        Instant::now(),
+        t0,
+        "no time passed: it did not wait for a slot"
+    );
     assert!(s.stats().running <= 4);
 }
 
@@ -605,7 +612,8 @@ async fn sched_001_says_why_a_task_cannot_be_scheduled() {
         assert!(e.to_string().contains(needle), "{e}");
     };
     expect_reason(
-        s.schedule_task(task(AgentId::new(), Priority::Normal)).await,
+        s.schedule_task(task(AgentId::new(), Priority::Normal))
+            .await,
         "unknown agent",
     );
     let gone = AgentId::new();
@@ -1026,7 +1034,10 @@ async fn a_graceful_shutdown_leaves_running_tasks_to_the_next_start() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     s1.shutdown().await;
-    assert_eq!(hang.cancels.lock().as_slice(), [(id, CancelReason::Shutdown)]);
+    assert_eq!(
+        hang.cancels.lock().as_slice(),
+        [(id, CancelReason::Shutdown)]
+    );
     assert_eq!(
         s1.schedule_task(task(agent, Priority::Normal))
             .await
@@ -1258,5 +1269,8 @@ async fn queued_and_running_tasks_survive_a_kill_9() {
     .await
     .expect("third start");
     assert_eq!(s.stats().recovered, 0);
-    assert_eq!(s.list_tasks_with_status(TaskStatus::Completed).len(), KILL9_TASKS);
+    assert_eq!(
+        s.list_tasks_with_status(TaskStatus::Completed).len(),
+        KILL9_TASKS
+    );
 }

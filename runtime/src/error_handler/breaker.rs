@@ -119,7 +119,10 @@ mod tests {
         assert!(!b.on_failure(t0, 3, open));
         assert_eq!(b.state(t0), CircuitState::Closed);
         assert!(b.on_failure(t0, 3, open));
-        assert_eq!(b.admit(t0 + Duration::from_secs(2)), Some(Duration::from_secs(3)));
+        assert_eq!(
+            b.admit(t0 + Duration::from_secs(2)),
+            Some(Duration::from_secs(3))
+        );
         assert!(matches!(b.state(t0), CircuitState::Open { .. }));
         assert_eq!(b.admit(t0 + open), None);
         assert_eq!(b.state(t0 + open), CircuitState::HalfOpen);

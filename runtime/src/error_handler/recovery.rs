@@ -251,7 +251,10 @@ impl RecoveryExecutor {
             return;
         };
         let (details, result) = match outcome {
-            Ok(o) => (format!("performed {}: {o:?}", action.name()), "ok".to_string()),
+            Ok(o) => (
+                format!("performed {}: {o:?}", action.name()),
+                "ok".to_string(),
+            ),
             Err(e) => (
                 format!("{} failed: {e}", action.name()),
                 e.code().to_string(),

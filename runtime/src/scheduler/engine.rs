@@ -386,7 +386,10 @@ impl DefaultScheduler {
             let status = entry.record.status;
             match status {
                 s if s.is_final() => {
-                    return Err(SchedulerError::AlreadyFinished { task: id, status: s })
+                    return Err(SchedulerError::AlreadyFinished {
+                        task: id,
+                        status: s,
+                    })
                 }
                 TaskStatus::Running => {
                     if let Some(token) = &entry.cancel {
@@ -398,7 +401,11 @@ impl DefaultScheduler {
                         &mut st,
                         id,
                         TaskStatus::Cancelled,
-                        Some(format!("{}: {}", "SCHED_004", SchedulerError::Cancelled(id))),
+                        Some(format!(
+                            "{}: {}",
+                            "SCHED_004",
+                            SchedulerError::Cancelled(id)
+                        )),
                         Vec::new(),
                     );
                     drop(st);
@@ -844,8 +851,7 @@ impl Shared {
         let forced = self
             .force_recheck
             .swap(false, std::sync::atomic::Ordering::AcqRel);
-        if !st.waiting.is_empty() && (forced || st.next_wait_recheck.is_some_and(|t| t <= now))
-        {
+        if !st.waiting.is_empty() && (forced || st.next_wait_recheck.is_some_and(|t| t <= now)) {
             let waiting = std::mem::take(&mut st.waiting);
             for id in waiting {
                 let seq = st.next_seq();
@@ -944,13 +950,12 @@ impl Shared {
             st.running_critical += 1;
         }
         *st.running_per_agent.entry(agent).or_insert(0) += 1;
-        let timeout;
         let entry = st.tasks.get_mut(&id)?;
         entry.record.attempts += 1;
         entry.record.assigned_agent = Some(agent);
         entry.record.started_at = Some(wall);
         entry.cancel = Some(token.clone());
-        timeout = self.effective_timeout(&entry.record.task);
+        let timeout = self.effective_timeout(&entry.record.task);
         let r = &entry.record;
         let ctx = TaskContext {
             task_id: id,

@@ -53,7 +53,7 @@
 //! };
 //!
 //! let scheduler = DefaultScheduler::new(config).await?;
-//! # scheduler.agents().register(agent_id, None);
+//! # scheduler.agents().expect("standalone scheduler").register(agent_id, None);
 //!
 //! // Schedule a task
 //! let task = ScheduledTask {
@@ -275,7 +275,10 @@ impl TaskStatus {
     pub fn is_final(&self) -> bool {
         matches!(
             self,
-            TaskStatus::Completed | TaskStatus::Failed | TaskStatus::TimedOut | TaskStatus::Cancelled
+            TaskStatus::Completed
+                | TaskStatus::Failed
+                | TaskStatus::TimedOut
+                | TaskStatus::Cancelled
         )
     }
 }
@@ -487,7 +490,10 @@ mod tests {
             SchedulerError::SchedulingFailed("x".into()).code(),
             "SCHED_001"
         );
-        assert_eq!(SchedulerError::TaskNotFound(TaskId::new()).code(), "SCHED_002");
+        assert_eq!(
+            SchedulerError::TaskNotFound(TaskId::new()).code(),
+            "SCHED_002"
+        );
         assert_eq!(
             SchedulerError::Timeout {
                 task: TaskId::new(),

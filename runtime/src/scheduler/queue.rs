@@ -143,13 +143,23 @@ mod tests {
         q.push(rank(epoch, epoch, Priority::Low, aging), 0, low);
         let high_early = TaskId::new();
         q.push(
-            rank(epoch, epoch + Duration::from_secs(19), Priority::High, aging),
+            rank(
+                epoch,
+                epoch + Duration::from_secs(19),
+                Priority::High,
+                aging,
+            ),
             1,
             high_early,
         );
         let high_late = TaskId::new();
         q.push(
-            rank(epoch, epoch + Duration::from_secs(21), Priority::High, aging),
+            rank(
+                epoch,
+                epoch + Duration::from_secs(21),
+                Priority::High,
+                aging,
+            ),
             2,
             high_late,
         );
@@ -167,10 +177,25 @@ mod tests {
         let crit = TaskId::new();
         let high = TaskId::new();
         // A Low task aged 10 s outranks a fresh Critical one.
-        q.push(rank(epoch, epoch, Priority::Low, aging), 0, old_low, Priority::Low);
+        q.push(
+            rank(epoch, epoch, Priority::Low, aging),
+            0,
+            old_low,
+            Priority::Low,
+        );
         let later = epoch + Duration::from_secs(10);
-        q.push(rank(epoch, later, Priority::Critical, aging), 1, crit, Priority::Critical);
-        q.push(rank(epoch, later, Priority::High, aging), 2, high, Priority::High);
+        q.push(
+            rank(epoch, later, Priority::Critical, aging),
+            1,
+            crit,
+            Priority::Critical,
+        );
+        q.push(
+            rank(epoch, later, Priority::High, aging),
+            2,
+            high,
+            Priority::High,
+        );
         assert_eq!(q.pop(false).map(|e| e.2), Some(crit));
         assert_eq!(q.pop(false), None);
         assert_eq!(q.pop(true).map(|e| e.2), Some(old_low));

@@ -109,7 +109,11 @@ impl AgentDirectory for DefaultLifecycleController {
             .list_agents()
             .into_iter()
             .filter(|a| {
-                a.config.metadata.get(GROUP_METADATA_KEY).map(String::as_str) == Some(group)
+                a.config
+                    .metadata
+                    .get(GROUP_METADATA_KEY)
+                    .map(String::as_str)
+                    == Some(group)
             })
             .map(|a| a.id)
             .collect();
