@@ -1058,6 +1058,33 @@ async fn a_graceful_shutdown_leaves_running_tasks_to_the_next_start() {
     assert_eq!(s2.stats().recovered, 1);
 }
 
+#[tokio::test]
+async fn dropping_the_last_handle_kills_running_executions() {
+    let (table, agent) = one_agent();
+    let exec = process_executor();
+    let s = scheduler_with(SchedulerConfig::default(), table, Some(exec.clone())).await;
+    let id = s
+        .schedule_task(task(agent, Priority::Normal))
+        .await
+        .expect("scheduled");
+    let pid = loop {
+        if let Some(pid) = exec.pids.lock().get(&id).copied() {
+            break pid;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    drop(s);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while process_alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "pid {pid} outlived its scheduler"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(exec.cancels.lock().as_slice(), [CancelReason::Shutdown]);
+}
+
 // ---- durability across a real kill -9 -------------------------------------------------
 
 const CHILD_ENV: &str = "SYMBIONT_SCHED_KILL9_CHILD_DIR";

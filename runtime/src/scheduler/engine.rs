@@ -215,7 +215,14 @@ struct Shared {
     idle: Notify,
     shutdown: CancellationToken,
     force_recheck: std::sync::atomic::AtomicBool,
+    /// Executions spawned whose task has not been polled yet.
+    unstarted: std::sync::atomic::AtomicUsize,
 }
+
+/// Most executions dispatched but not yet started at once. Bounds how many spawned
+/// executions a newly dispatched (e.g. Critical) task can find ahead of it in Tokio's run
+/// queue; the dispatcher is woken when executions start.
+const DISPATCH_WINDOW: usize = 32;
 
 struct ShutdownGuard(CancellationToken);
 
@@ -245,7 +252,8 @@ impl std::fmt::Debug for DefaultScheduler {
 struct Job {
     ctx: TaskContext,
     token: CancellationToken,
-    record: TaskRecord,
+    /// The record to write ahead (only with a journal).
+    record: Option<TaskRecord>,
     executor: Arc<dyn TaskExecutor>,
 }
 
@@ -331,6 +339,7 @@ impl DefaultScheduler {
             idle: Notify::new(),
             shutdown: shutdown.clone(),
             force_recheck: std::sync::atomic::AtomicBool::new(false),
+            unstarted: std::sync::atomic::AtomicUsize::new(0),
         });
         if let Some(store) = &parts.store {
             shared.recover(store.as_ref()).await?;
@@ -542,6 +551,7 @@ impl DefaultScheduler {
     /// next scheduler on the same store runs them again.
     pub async fn shutdown(&self) {
         self.shared.shutdown.cancel();
+        self.shared.cancel_running();
         loop {
             let notified = self.shared.idle.notified();
             tokio::pin!(notified);
@@ -555,6 +565,16 @@ impl DefaultScheduler {
 }
 
 impl Shared {
+    /// Cancels every running execution's token (shutdown).
+    fn cancel_running(&self) {
+        let st = self.state.lock();
+        for e in st.tasks.values() {
+            if let Some(token) = &e.cancel {
+                token.cancel();
+            }
+        }
+    }
+
     /// The scheduler's wall clock: the later of the system clock and the monotonic clock
     /// anchored at start. A system clock stepped backwards does not hold tasks back, and a
     /// paused Tokio clock (tests) moves it.
@@ -875,7 +895,8 @@ impl Shared {
             if !self.shutdown.is_cancelled() {
                 let cap = self.config.max_concurrent_tasks;
                 let reserved = self.config.critical_reserved_slots.min(cap - 1);
-                while st.running < cap {
+                let unstarted = self.unstarted.load(std::sync::atomic::Ordering::Acquire);
+                while st.running < cap && unstarted + tick.jobs.len() < DISPATCH_WINDOW {
                     let allow_other = st.running - st.running_critical < cap - reserved;
                     let Some((_, seq, id)) = st.ready.pop(allow_other) else {
                         break;
@@ -913,6 +934,9 @@ impl Shared {
             }
         }
 
+        self.unstarted
+            .fetch_add(tick.jobs.len(), std::sync::atomic::Ordering::AcqRel);
+
         // When to look again.
         let mut next = st.delayed.next_due();
         let mut consider = |t: Option<Instant>| {
@@ -939,7 +963,9 @@ impl Shared {
         executor: &Arc<dyn TaskExecutor>,
         wall: SystemTime,
     ) -> Option<Job> {
-        let token = self.shutdown.child_token();
+        // A token of its own (a child token would lock the parent on every start and end);
+        // shutdown cancels the running tasks' tokens one by one.
+        let token = CancellationToken::new();
         st.set_status(id, TaskStatus::Running);
         st.running += 1;
         let critical = st
@@ -973,16 +999,7 @@ impl Shared {
             },
             source: r.source,
         };
-        let record = if self.journal.is_some() {
-            r.clone()
-        } else {
-            // Only the journal needs the record; avoid the copy otherwise.
-            TaskRecord {
-                payload: Vec::new(),
-                output: Vec::new(),
-                ..r.clone()
-            }
-        };
+        let record = self.journal.as_ref().map(|_| r.clone());
         Some(Job {
             ctx,
             token,
@@ -1019,7 +1036,8 @@ impl Shared {
         let agent = entry.record.assigned_agent;
         let critical = entry.record.task.priority == crate::types::Priority::Critical;
         let waiters = std::mem::take(&mut entry.waiters);
-        let record = entry.record.clone();
+        let record = (self.journal.is_some() || self.audit.is_some() || !waiters.is_empty())
+            .then(|| entry.record.clone());
         if was_running {
             st.release_slot(agent, critical);
         }
@@ -1029,12 +1047,6 @@ impl Shared {
             TaskStatus::TimedOut => st.stats.timed_out += 1,
             TaskStatus::Cancelled => st.stats.cancelled += 1,
             _ => {}
-        }
-        if self.journal.is_some() {
-            match put_op(&record) {
-                Ok(op) => finished.ops.push(op),
-                Err(e) => tracing::error!(task = %id, error = %e, "task record not encodable"),
-            }
         }
         st.finished.push_back(id);
         while st.finished.len() > self.config.finished_task_retention {
@@ -1053,18 +1065,32 @@ impl Shared {
             }
         }
         finished.waiters = waiters;
-        finished.record = Some(record);
+        finished.record = record;
         finished
     }
 
     /// Persists, notifies waiters and audits a finished task.
     fn after_finish(&self, f: Finished) {
+        let Finished {
+            record,
+            waiters,
+            mut ops,
+        } = f;
         if let Some(journal) = &self.journal {
-            if !f.ops.is_empty() {
-                journal.submit(f.ops);
+            if let Some(record) = &record {
+                match put_op(record) {
+                    Ok(op) => ops.insert(0, op),
+                    Err(e) => {
+                        tracing::error!(task = %record.task.id, error = %e, "task record not encodable")
+                    }
+                }
+            }
+            if !ops.is_empty() {
+                journal.submit(ops);
             }
         }
-        let Some(record) = f.record else {
+        let Some(record) = record else {
+            self.wake.notify_one();
             return;
         };
         if self.audit.is_some() {
@@ -1099,7 +1125,7 @@ impl Shared {
                 e
             });
         }
-        for w in f.waiters {
+        for w in waiters {
             let _ = w.send(record.clone());
         }
         self.wake.notify_one();
@@ -1419,6 +1445,8 @@ async fn dispatcher(shared: Arc<Shared>) {
             _ = sleep => {}
         }
     }
+    // Dropped or shut down: kill what still runs.
+    shared.cancel_running();
     shared.idle.notify_waiters();
 }
 
@@ -1436,9 +1464,15 @@ async fn execute(shared: Arc<Shared>, job: Job) {
         executor,
     } = job;
     let id = ctx.task_id;
-    if let Some(journal) = &shared.journal {
+    let prev = shared
+        .unstarted
+        .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    if prev >= DISPATCH_WINDOW {
+        shared.wake.notify_one();
+    }
+    if let (Some(journal), Some(record)) = (&shared.journal, &record) {
         // Write-ahead: the attempt is durable before the agent sees the task.
-        let written = match put_op(&record) {
+        let written = match put_op(record) {
             Ok(op) => journal.write(vec![op]).await,
             Err(e) => Err(e),
         };
