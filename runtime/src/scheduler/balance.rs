@@ -18,10 +18,10 @@ use crate::types::AgentId;
 /// Width of a pressure bucket for `ResourceBased`.
 const PRESSURE_BUCKET: f64 = 0.05;
 
-pub(crate) fn choose(
+pub(crate) fn choose<S: std::hash::BuildHasher>(
     strategy: LoadBalancingStrategy,
     candidates: &[AgentId],
-    running: &HashMap<AgentId, usize>,
+    running: &HashMap<AgentId, usize, S>,
     load: Option<&dyn LoadSource>,
     cursor: &mut usize,
 ) -> Option<AgentId> {

@@ -126,20 +126,23 @@ struct CronEntry {
     active: Option<TaskId>,
 }
 
+/// Hash maps keyed by ids: foldhash (fast, randomly seeded per process).
+type Map<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+
 #[derive(Default)]
 struct State {
-    tasks: HashMap<TaskId, Entry>,
+    tasks: Map<TaskId, Entry>,
     ready: ReadyQueues,
     delayed: DelayQueue,
     waiting: Vec<TaskId>,
     next_wait_recheck: Option<Instant>,
     running: usize,
     running_critical: usize,
-    running_per_agent: HashMap<AgentId, usize>,
+    running_per_agent: Map<AgentId, usize>,
     n_queued: usize,
     n_delayed: usize,
     n_waiting: usize,
-    idem: HashMap<String, TaskId>,
+    idem: Map<String, TaskId>,
     finished: VecDeque<TaskId>,
     stats: SchedulerStats,
     cursors: HashMap<String, usize>,
@@ -253,7 +256,7 @@ struct Job {
     ctx: TaskContext,
     token: CancellationToken,
     /// The record to write ahead (only with a journal).
-    record: Option<TaskRecord>,
+    record: Option<Box<TaskRecord>>,
     executor: Arc<dyn TaskExecutor>,
 }
 
@@ -999,7 +1002,7 @@ impl Shared {
             },
             source: r.source,
         };
-        let record = self.journal.as_ref().map(|_| r.clone());
+        let record = self.journal.as_ref().map(|_| Box::new(r.clone()));
         Some(Job {
             ctx,
             token,
@@ -1037,7 +1040,7 @@ impl Shared {
         let critical = entry.record.task.priority == crate::types::Priority::Critical;
         let waiters = std::mem::take(&mut entry.waiters);
         let record = (self.journal.is_some() || self.audit.is_some() || !waiters.is_empty())
-            .then(|| entry.record.clone());
+            .then(|| Box::new(entry.record.clone()));
         if was_running {
             st.release_slot(agent, critical);
         }
@@ -1126,7 +1129,7 @@ impl Shared {
             });
         }
         for w in waiters {
-            let _ = w.send(record.clone());
+            let _ = w.send((*record).clone());
         }
         self.wake.notify_one();
     }
@@ -1392,7 +1395,7 @@ impl Shared {
 
 #[derive(Default)]
 struct Finished {
-    record: Option<TaskRecord>,
+    record: Option<Box<TaskRecord>>,
     waiters: Vec<oneshot::Sender<TaskRecord>>,
     ops: Vec<crate::storage::StoreOp>,
 }
