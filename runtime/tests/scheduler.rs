@@ -472,7 +472,7 @@ async fn a_timeout_kills_the_real_child_process_of_the_execution() {
     let exec = process_executor();
     let s = scheduler_with(SchedulerConfig::default(), table, Some(exec.clone())).await;
     let mut t = task(agent, Priority::Normal);
-    t.timeout = Duration::from_millis(300);
+    t.timeout = Duration::from_secs(1);
     let id = s.schedule_task(t).await.expect("scheduled");
     // The process is really running first.
     let pid = loop {
