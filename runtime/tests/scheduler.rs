@@ -284,6 +284,42 @@ async fn cron_agents_fire_on_their_six_and_five_field_schedules() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_scheduled_agent_of_the_lifecycle_controller_runs_on_its_cron_schedule() {
+    use symbiont_runtime::lifecycle::{DefaultLifecycleController, LifecycleConfig};
+    use symbiont_runtime::{AgentConfig, ExecutionMode};
+    let lifecycle = DefaultLifecycleController::new(LifecycleConfig::default())
+        .await
+        .expect("lifecycle");
+    let agent = lifecycle
+        .create_agent(AgentConfig {
+            name: "reporter".into(),
+            execution_mode: ExecutionMode::Scheduled {
+                schedule: "*/15 * * * * *".into(),
+            },
+            priority: Priority::High,
+            ..Default::default()
+        })
+        .await
+        .expect("agent");
+    let rec = Recorder::noop();
+    let s = DefaultScheduler::with_parts(
+        SchedulerConfig::default(),
+        SchedulerParts::new(Arc::new(lifecycle.clone()), rec.clone()),
+    )
+    .await
+    .expect("scheduler");
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let runs = rec.started.lock().len();
+    assert!((4..=5).contains(&runs), "{runs} runs in 61 s");
+    assert!(rec.started.lock().iter().all(|(_, a, ..)| *a == agent));
+    // Terminated agents stop firing (their schedule is dropped at the next sync).
+    lifecycle.terminate_agent(agent).await.expect("terminate");
+    s.sync_cron();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(rec.started.lock().len(), runs);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_cron_firing_is_skipped_while_the_previous_one_still_runs() {
     let table = Arc::new(AgentTable::new());
     let agent = AgentId::new();

@@ -21,6 +21,9 @@
 //! the smallest rank runs first. Tasks that became ready within one `aging_interval` of each
 //! other are therefore served strictly by priority, and a Low task is overtaken by at most
 //! the tasks that became ready before `ready_since + 3 × aging_interval`: it is never starved.
+//! `critical_reserved_slots` of the `max_concurrent_tasks` slots are usable by Critical tasks
+//! only, so a Critical task starts at once even when other work fills the queue and every
+//! other slot.
 //!
 //! # Durability
 //! With a store ([`SchedulerParts::store`]) every task record is written ahead:
