@@ -1069,7 +1069,14 @@ async fn a_graceful_shutdown_leaves_running_tasks_to_the_next_start() {
     while s1.task_status(id).expect("status") != TaskStatus::Running {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    let waiter = {
+        let s1 = s1.clone();
+        tokio::spawn(async move { s1.wait_task(id).await })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
     s1.shutdown().await;
+    let waited = waiter.await.expect("join").expect_err("shut down");
+    assert_eq!(waited.code(), "SCHED_010");
     assert_eq!(
         hang.cancels.lock().as_slice(),
         [(id, CancelReason::Shutdown)]

@@ -439,6 +439,9 @@ impl DefaultScheduler {
             if entry.record.status.is_final() {
                 return Ok(entry.record.clone());
             }
+            if self.shared.shutdown.is_cancelled() {
+                return Err(SchedulerError::ShutDown);
+            }
             let (tx, rx) = oneshot::channel();
             entry.waiters.push(tx);
             rx
@@ -1183,6 +1186,11 @@ impl Shared {
             .unwrap_or((None, false));
         st.set_status(id, TaskStatus::Queued);
         st.release_slot(agent, critical);
+        if let Some(e) = st.tasks.get_mut(&id) {
+            // Waiters learn of the shutdown (SCHED_010) instead of waiting forever.
+            e.waiters.clear();
+            e.cancel = None;
+        }
         drop(st);
         self.idle.notify_waiters();
     }
