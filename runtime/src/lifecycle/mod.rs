@@ -667,6 +667,28 @@ impl DefaultLifecycleController {
         Ok(())
     }
 
+    /// Replaces the failure reason of a Failed agent (e.g. when recovery gives up on it).
+    /// AGENT_002 when the agent is not Failed.
+    pub fn set_failure_reason(
+        &self,
+        agent_id: AgentId,
+        reason: impl Into<String>,
+    ) -> Result<(), LifecycleError> {
+        let mut agents = self.inner.agents.write();
+        let agent = agents
+            .get_mut(&agent_id)
+            .ok_or(LifecycleError::AgentNotFound(agent_id))?;
+        if agent.state != AgentState::Failed {
+            return Err(LifecycleError::InvalidTransition {
+                agent: agent_id,
+                from: agent.state,
+                to: AgentState::Failed,
+            });
+        }
+        agent.failure_reason = Some(reason.into());
+        Ok(())
+    }
+
     /// Failed → Initializing → Ready, counting one restart. Refused (AGENT_006) once
     /// `max_restart_attempts` restarts were made.
     pub async fn restart_agent(&self, agent_id: AgentId) -> Result<(), LifecycleError> {
