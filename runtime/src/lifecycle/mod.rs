@@ -676,6 +676,7 @@ impl DefaultLifecycleController {
     ) -> Result<(), LifecycleError> {
         let mut agents = self.inner.agents.write();
         let agent = agents
+            .map
             .get_mut(&agent_id)
             .ok_or(LifecycleError::AgentNotFound(agent_id))?;
         if agent.state != AgentState::Failed {
