@@ -130,8 +130,8 @@ struct EventLineOut<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     agent: Option<&'a AgentId>,
     details: &'a str,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    meta: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "HashMap::is_empty")]
+    meta: &'a HashMap<String, String>,
 }
 
 #[derive(Serialize)]
@@ -166,11 +166,7 @@ pub(crate) fn write_event_line(
         event_type: &event_type,
         agent: event.agent_id.as_ref(),
         details: &event.details,
-        meta: event
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect(),
+        meta: &event.metadata,
     };
     // Serializing plain strings, numbers and maps of strings into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *buf, &line);

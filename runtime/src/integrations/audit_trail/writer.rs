@@ -41,6 +41,9 @@ use crate::config::Validate;
 /// (busy trails carry the head in the next commit instead).
 pub const SEAL_DELAY: Duration = Duration::from_millis(2);
 
+/// The longest an `always` writer lingers to fill a group commit (see `writer_loop`).
+pub const MAX_LINGER: Duration = Duration::from_millis(2);
+
 /// What [`DurableAuditTrail::apply_retention`] removed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RetentionOutcome {
@@ -81,8 +84,6 @@ struct Shared {
 
 #[derive(Clone, Debug, Default)]
 struct Progress {
-    /// Every ticket up to this one is durable per the fsync policy.
-    durable: u64,
     /// Every ticket up to this one is synced and covered by a signed head.
     flushed: u64,
     failed: Option<Arc<str>>,
@@ -92,12 +93,17 @@ struct Progress {
 #[derive(Default)]
 struct QueueState {
     queue: Vec<AuditEvent>,
+    /// One per queued `record_event`, answered once its commit is durable (dropped if the
+    /// trail fails). Only the callers whose events were in a commit are woken by it.
+    acks: Vec<oneshot::Sender<()>>,
     /// Ticket of the last event enqueued (tickets start at 1).
     enqueued: u64,
     flush_to: u64,
     commands: Vec<Command>,
     closing: bool,
     failed: Option<Arc<str>>,
+    /// While the writer lingers for a fuller batch: wake it when the queue reaches this.
+    wake_at: usize,
 }
 
 enum Command {
@@ -154,6 +160,14 @@ impl DurableAuditTrail {
                 if outcome.is_err() {
                     fail(&writer_shared, "the audit writer thread panicked".into());
                 }
+                {
+                    // Whatever is still queued will never be written: answer its waiters
+                    // (their acks drop) instead of leaving them hanging.
+                    let mut st = writer_shared.state.lock();
+                    st.closing = true;
+                    st.acks.clear();
+                    st.queue.clear();
+                }
                 writer_shared.progress.send_modify(|p| p.stopped = true);
                 writer_shared.space.notify_all();
                 writer_shared.space_async.notify_waiters();
@@ -182,9 +196,21 @@ impl DurableAuditTrail {
     /// first event submitted to this handle, then 2, ...), useful to correlate
     /// acknowledgements.
     pub async fn record(&self, event: AuditEvent) -> Result<u64, AuditError> {
-        let ticket = self.enqueue_async(event).await?;
-        self.wait(ticket, |p| p.durable).await?;
-        Ok(ticket)
+        let (ack, acked) = oneshot::channel();
+        let ticket = self.enqueue_async(event, ack).await?;
+        match acked.await {
+            Ok(()) => Ok(ticket),
+            Err(_) => Err(self.failure()),
+        }
+    }
+
+    /// Why the writer stopped answering.
+    fn failure(&self) -> AuditError {
+        let st = self.shared.state.lock();
+        AuditError::Write(match &st.failed {
+            Some(failed) => failed.to_string(),
+            None => "the audit trail closed before the event was written".into(),
+        })
     }
 
     /// Events matching `query`, read from the log as it is on disk now.
@@ -248,7 +274,12 @@ impl DurableAuditTrail {
     }
 
     /// Puts `event` in the queue if there is room; gives it back otherwise.
-    fn try_enqueue(&self, event: AuditEvent) -> Result<Result<u64, AuditEvent>, AuditError> {
+    #[allow(clippy::type_complexity)]
+    fn try_enqueue(
+        &self,
+        event: AuditEvent,
+        ack: oneshot::Sender<()>,
+    ) -> Result<Result<u64, (AuditEvent, oneshot::Sender<()>)>, AuditError> {
         let mut st = self.shared.state.lock();
         if let Some(failed) = &st.failed {
             return Err(AuditError::Write(failed.to_string()));
@@ -257,27 +288,33 @@ impl DurableAuditTrail {
             return Err(AuditError::Write("the audit trail is closed".into()));
         }
         if st.queue.len() >= self.shared.capacity {
-            return Ok(Err(event));
+            return Ok(Err((event, ack)));
         }
+        st.acks.push(ack);
         Ok(Ok(push(&self.shared, &mut st, event)))
     }
 
-    async fn enqueue_async(&self, mut event: AuditEvent) -> Result<u64, AuditError> {
+    async fn enqueue_async(
+        &self,
+        mut event: AuditEvent,
+        mut ack: oneshot::Sender<()>,
+    ) -> Result<u64, AuditError> {
         loop {
             let notified = self.shared.space_async.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.try_enqueue(event)? {
+            match self.try_enqueue(event, ack)? {
                 Ok(ticket) => return Ok(ticket),
                 Err(back) => {
-                    event = back;
+                    (event, ack) = back;
                     notified.await;
                 }
             }
         }
     }
 
-    async fn wait(&self, ticket: u64, field: fn(&Progress) -> u64) -> Result<(), AuditError> {
+    async fn wait_flushed(&self, ticket: u64) -> Result<(), AuditError> {
+        let field = |p: &Progress| p.flushed;
         let mut rx = self.shared.progress.subscribe();
         let progress = rx
             .wait_for(|p| field(p) >= ticket || p.failed.is_some() || p.stopped)
@@ -300,7 +337,7 @@ fn push(shared: &Shared, st: &mut QueueState, event: AuditEvent) -> u64 {
     let was_empty = st.queue.is_empty();
     st.queue.push(event);
     st.enqueued += 1;
-    if was_empty {
+    if was_empty || st.queue.len() == st.wake_at {
         shared.wake.notify_one();
     }
     st.enqueued
@@ -355,7 +392,7 @@ impl AuditTrail for DurableAuditTrail {
             self.shared.wake.notify_one();
             st.enqueued
         };
-        self.wait(ticket, |p| p.flushed).await
+        self.wait_flushed(ticket).await
     }
 }
 
@@ -370,9 +407,11 @@ impl Drop for DurableAuditTrail {
 
 fn writer_loop(log: &mut SegmentLog, shared: &Shared) {
     let mut batch: Vec<AuditEvent> = Vec::with_capacity(shared.capacity.min(64 * 1024));
+    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
     let mut flushed = 0u64;
+    let mut last_batch = 0usize;
     loop {
-        let (upto, flush_to, closing, commands) = {
+        let (upto, flush_to, closing, commands, was_full) = {
             let mut st = shared.state.lock();
             loop {
                 if !st.queue.is_empty()
@@ -390,18 +429,43 @@ fn writer_loop(log: &mut SegmentLog, shared: &Shared) {
                     None => shared.wake.wait(&mut st),
                 }
             }
+            // Group commit under load: the producers the previous commit released are
+            // still queueing their next events; a commit started now would sync only the
+            // first few. Linger (a fraction of a sync's duration) for about half of them.
+            let target = (last_batch / 2).min(shared.capacity);
+            if log.policy == FsyncPolicy::Always
+                && !st.queue.is_empty()
+                && st.queue.len() < target
+                && !st.closing
+                && st.commands.is_empty()
+                && st.flush_to <= flushed
+            {
+                let deadline = Instant::now() + log.linger();
+                st.wake_at = target;
+                while st.queue.len() < target && !st.closing && Instant::now() < deadline {
+                    shared.wake.wait_until(&mut st, deadline);
+                }
+                st.wake_at = 0;
+            }
+            let was_full = st.queue.len() >= shared.capacity;
             std::mem::swap(&mut st.queue, &mut batch);
+            std::mem::swap(&mut st.acks, &mut acks);
             (
                 st.enqueued,
                 st.flush_to,
                 st.closing,
                 std::mem::take(&mut st.commands),
+                was_full,
             )
         };
-        shared.space.notify_all();
-        shared.space_async.notify_waiters();
+        if was_full {
+            // Only producers that found the queue full wait for room.
+            shared.space.notify_all();
+            shared.space_async.notify_waiters();
+        }
 
         let had_batch = !batch.is_empty();
+        last_batch = batch.len();
         let step = (|| -> Result<(), AuditError> {
             for event in batch.drain(..) {
                 log.append_event(&event)?;
@@ -413,7 +477,9 @@ fn writer_loop(log: &mut SegmentLog, shared: &Shared) {
             fail(shared, e.to_string().into());
             return;
         }
-        shared.progress.send_modify(|p| p.durable = upto);
+        for ack in acks.drain(..) {
+            let _ = ack.send(());
+        }
 
         if closing {
             let closed = log.append_checkpoint("close").and_then(|_| log.seal(false));
@@ -490,6 +556,8 @@ struct SegmentLog {
     last_sync: Instant,
     /// With `always`: when to write a head of our own if no commit carries one first.
     seal_deadline: Option<Instant>,
+    /// Moving average of how long a data sync takes.
+    sync_ewma: Duration,
 }
 
 /// What recovery found in the newest segment.
@@ -568,6 +636,7 @@ impl SegmentLog {
                     last_checkpoint: now,
                     last_sync: now,
                     seal_deadline: None,
+                    sync_ewma: Duration::ZERO,
                 }
             }
             Some((first, path)) => {
@@ -660,6 +729,7 @@ impl SegmentLog {
                     last_checkpoint: now,
                     last_sync: now,
                     seal_deadline: None,
+                    sync_ewma: Duration::ZERO,
                 }
             }
         };
@@ -757,12 +827,21 @@ impl SegmentLog {
     }
 
     fn sync(&mut self) -> Result<(), AuditError> {
+        let start = Instant::now();
         self.file
             .sync_data()
             .map_err(|e| io_err("cannot sync", &self.path, e))?;
         self.durable = self.written;
         self.last_sync = Instant::now();
+        let took = self.last_sync - start;
+        self.sync_ewma = (self.sync_ewma * 7 + took) / 8;
         Ok(())
+    }
+
+    /// How long to wait for a fuller batch: a quarter of a typical sync, at most
+    /// [`MAX_LINGER`].
+    fn linger(&self) -> Duration {
+        (self.sync_ewma / 4).min(MAX_LINGER)
     }
 
     fn write_head(&mut self, (seq, hash): (u64, Hash), sealed: bool) -> Result<(), AuditError> {
