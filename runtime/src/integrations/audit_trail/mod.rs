@@ -457,3 +457,72 @@ impl AuditError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RuntimeConfig;
+
+    #[test]
+    fn audit_section_parses_with_durations_and_policy() {
+        let config = RuntimeConfig::from_toml_str(
+            r#"
+[audit]
+dir = "/srv/audit"
+fsync = "interval"
+fsync_interval = "50ms"
+segment_size = 1048576
+checkpoint_every = 500
+checkpoint_interval = "5s"
+retention = "30days"
+max_segments = 10
+"#,
+        )
+        .expect("valid");
+        let audit = config.audit;
+        assert_eq!(audit.fsync, FsyncPolicy::Interval);
+        assert_eq!(audit.fsync_interval, Duration::from_millis(50));
+        assert_eq!(audit.retention, Some(Duration::from_secs(30 * 86400)));
+        assert_eq!(audit.max_segments, Some(10));
+        assert_eq!(
+            audit.resolved_dir(Path::new("/var/lib/symbiont")),
+            PathBuf::from("/srv/audit")
+        );
+        assert_eq!(
+            AuditConfig::default().resolved_key_path(Path::new("/d")),
+            PathBuf::from("/d/keys/audit.ed25519")
+        );
+    }
+
+    #[test]
+    fn impossible_audit_values_name_their_keys() {
+        let err = RuntimeConfig::from_toml_str(
+            "[audit]\nsegment_size = 10\ncheckpoint_every = 0\nmax_segments = 0\n",
+        )
+        .expect_err("invalid");
+        let text = err.to_string();
+        for key in [
+            "audit.segment_size",
+            "audit.checkpoint_every",
+            "audit.max_segments",
+        ] {
+            assert!(text.contains(key), "{text}");
+        }
+        assert!(RuntimeConfig::from_toml_str("[audit]\nfsync = \"sometimes\"\n").is_err());
+    }
+
+    #[test]
+    fn event_type_names_round_trip() {
+        for t in AuditEventType::BUILT_IN {
+            assert_eq!(t.name().parse::<AuditEventType>(), Ok(t.clone()));
+        }
+        let custom = AuditEventType::Custom("Billing".into());
+        assert_eq!(custom.to_string(), "custom:Billing");
+        assert_eq!("custom:Billing".parse::<AuditEventType>(), Ok(custom));
+        assert_eq!(
+            "message_rejected".parse::<AuditEventType>(),
+            Ok(AuditEventType::MessageRejected)
+        );
+        assert!("Nope".parse::<AuditEventType>().is_err());
+    }
+}

@@ -566,6 +566,7 @@ fn verify_segment(
 
     let mut expected = first;
     let mut prev: Option<PrevEntry> = state.prev.clone();
+    report.first_seq.get_or_insert(first);
     let mut prev_prev_hash: Option<Hash> = None;
     let mut last_checkpoint: Option<u64> = None;
     let mut valid_in_segment = 0u64;
@@ -766,6 +767,7 @@ fn verify_segment(
             }
         }
         report.entries += 1;
+        report.last_seq = Some(view.seq);
         valid_in_segment += 1;
         prev_prev_hash = prev.as_ref().map(|p| p.hash);
         prev = Some(PrevEntry {
@@ -830,7 +832,6 @@ fn verify_segment(
         }
     }
     report.signed_through = Some(head.seq);
-    report.first_seq.get_or_insert(first);
     report.last_seq = Some(last_seq);
     state.prev = prev;
     state.prev_sealed = head.sealed;
