@@ -929,3 +929,89 @@ fn kill_9_during_a_write_burst_loses_nothing_acknowledged() {
     );
     assert!(acked.len() >= 1500 + 2000 + 2500);
 }
+
+#[tokio::test]
+async fn an_interrupted_rotation_verifies_and_is_repaired_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), &small_config(), 700).await;
+    let segs = segments(dir.path());
+    assert!(segs.len() >= 3);
+    // The state a crash between creating the next segment file and writing it leaves:
+    // the previous segment sealed, its successor empty.
+    let last = segs[segs.len() - 1].clone();
+    std::fs::remove_file(&last).expect("rm");
+    std::fs::File::create(&last).expect("create empty");
+    let report = verify(dir.path());
+    assert!(report.is_ok(), "{report}");
+    assert!(report.torn_tail.is_some(), "{report}");
+
+    let trail = open(dir.path(), &small_config());
+    trail
+        .record_event(AuditEvent::new(AuditEventType::TaskStarted, None, "after"))
+        .await
+        .expect("record");
+    trail.close().await.expect("close");
+    let report = verify(dir.path());
+    assert!(report.is_ok(), "{report}");
+    assert_eq!(report.torn_tail, None);
+    let repairs = query_dir(
+        dir.path(),
+        &AuditQuery {
+            event_type: Some(AuditEventType::AuditMaintenance),
+            ..Default::default()
+        },
+    )
+    .expect("query");
+    assert!(
+        repairs
+            .iter()
+            .any(|r| r.event.details.contains("empty segment")),
+        "{repairs:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_garbled_older_head_slot_fails_verify_and_is_rewritten_on_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), &small_config(), 20).await;
+    let path = segments(dir.path())[0].clone();
+    let mut seg = Segment::load(&path);
+    // Garble the slot with the lower generation.
+    let gen = |b: &[u8]| -> u64 {
+        serde_json::from_slice::<serde_json::Value>(b[..511].trim_ascii_end())
+            .map(|v| v["gen"].as_u64().unwrap_or(0))
+            .unwrap_or(0)
+    };
+    let older = if gen(&seg.header[..512]) < gen(&seg.header[512..]) {
+        0
+    } else {
+        1
+    };
+    seg.header[older * 512 + 3] = b'#';
+    seg.save();
+    let report = verify(dir.path());
+    assert_eq!(
+        report.problem.as_ref().map(|p| p.kind),
+        Some(ProblemKind::Malformed),
+        "{report}"
+    );
+
+    let trail = open(dir.path(), &small_config());
+    trail.close().await.expect("close");
+    let report = verify(dir.path());
+    assert!(report.is_ok(), "{report}");
+    let repairs = query_dir(
+        dir.path(),
+        &AuditQuery {
+            event_type: Some(AuditEventType::AuditMaintenance),
+            ..Default::default()
+        },
+    )
+    .expect("query");
+    assert!(
+        repairs
+            .iter()
+            .any(|r| r.event.details.contains("head slot")),
+        "{repairs:?}"
+    );
+}
