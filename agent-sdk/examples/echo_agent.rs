@@ -9,7 +9,7 @@ fn main() -> Result<(), symbiont_agent::FrameError> {
     let me = agent.id().to_string();
     agent.log("info", &format!("echo agent {me} ready"))?;
     agent.subscribe("broadcast")?;
-    while let Some(event) = agent.next()? {
+    while let Some(event) = agent.next_event()? {
         match event {
             Incoming::Message {
                 message,

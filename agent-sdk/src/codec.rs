@@ -136,7 +136,10 @@ mod tests {
         for f in &frames {
             write_frame(&mut buf, f).expect("write");
         }
-        assert_eq!(&buf[..4], &(r#"{"type":"heartbeat"}"#.len() as u32).to_be_bytes());
+        assert_eq!(
+            &buf[..4],
+            &(r#"{"type":"heartbeat"}"#.len() as u32).to_be_bytes()
+        );
         let mut r = &buf[..];
         let mut back = Vec::new();
         while let Some(f) = read_frame::<_, AgentFrame>(&mut r, 1024).expect("read") {

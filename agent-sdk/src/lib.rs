@@ -13,7 +13,7 @@
 //!
 //! fn main() -> Result<(), symbiont_agent::FrameError> {
 //!     let mut agent = Agent::stdio()?;
-//!     while let Some(event) = agent.next()? {
+//!     while let Some(event) = agent.next_event()? {
 //!         match event {
 //!             Incoming::Message { message, .. } => {
 //!                 agent.send(&message.from, "echo", &message.payload)?;
@@ -135,41 +135,45 @@ impl<R: Read, W: Write> Agent<R, W> {
     }
 
     /// The next frame from the runtime; `Ok(None)` when the runtime closed the stream.
-    pub fn next(&mut self) -> Result<Option<Incoming>, FrameError> {
+    pub fn next_event(&mut self) -> Result<Option<Incoming>, FrameError> {
         loop {
-            let frame = codec::read_frame::<_, RuntimeFrame>(&mut self.reader, self.max_frame)?;
-            return Ok(Some(match frame {
-                None => return Ok(None),
-                Some(RuntimeFrame::Hello { .. }) => continue,
-                Some(RuntimeFrame::Deliver {
+            let Some(frame) =
+                codec::read_frame::<_, RuntimeFrame>(&mut self.reader, self.max_frame)?
+            else {
+                return Ok(None);
+            };
+            let incoming = match frame {
+                RuntimeFrame::Hello { .. } => continue,
+                RuntimeFrame::Deliver {
                     message,
                     kind,
                     in_reply_to,
-                }) => Incoming::Message {
+                } => Incoming::Message {
                     message,
                     kind,
                     in_reply_to,
                 },
-                Some(RuntimeFrame::Task {
+                RuntimeFrame::Task {
                     task_id,
                     input,
                     timeout_ms,
-                }) => Incoming::Task {
+                } => Incoming::Task {
                     task_id,
                     input,
                     timeout_ms,
                 },
-                Some(RuntimeFrame::Ack { ref_id }) => Incoming::Ack { ref_id },
-                Some(RuntimeFrame::Error {
+                RuntimeFrame::Ack { ref_id } => Incoming::Ack { ref_id },
+                RuntimeFrame::Error {
                     ref_id,
                     code,
                     message,
-                }) => Incoming::Error {
+                } => Incoming::Error {
                     ref_id,
                     code,
                     message,
                 },
-            }));
+            };
+            return Ok(Some(incoming));
         }
     }
 
@@ -336,7 +340,7 @@ mod tests {
         let mut output = Vec::new();
         let mut agent = Agent::connect(&input[..], &mut output).expect("connect");
         assert_eq!(agent.id(), "me");
-        let got = agent.next().expect("next").expect("a frame");
+        let got = agent.next_event().expect("next").expect("a frame");
         assert_eq!(
             got,
             Incoming::Message {
@@ -345,7 +349,7 @@ mod tests {
                 in_reply_to: None
             }
         );
-        assert_eq!(agent.next().expect("eof"), None);
+        assert_eq!(agent.next_event().expect("eof"), None);
         let id = agent.send("you", "t", b"back").expect("send");
         drop(agent);
         let sent: AgentFrame = codec::read_frame(&mut &output[..], 4096)
