@@ -13,9 +13,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::crypto::{
-    derive_pair_key, handshake_finish, handshake_init, handshake_respond, open_body, random_bytes,
-    seal_body, sign_envelope, verify_envelope, Envelope, EnvelopeHeader, EnvelopeMode, Identity,
-    MessageKind,
+    derive_pair_key, handshake_finish, handshake_init, handshake_respond, open_body_in_place,
+    random_bytes, seal_body, sign_envelope, verify_envelope, Envelope, EnvelopeHeader,
+    EnvelopeMode, Identity, MessageKind,
 };
 use super::keystore::{KeyEncryptionKey, KeyStore};
 use super::mailbox::{
@@ -1439,47 +1439,40 @@ impl DefaultCommunicationBus {
             }
         }
 
-        // Phase 3: AEAD, replay, delivery.
+        // Phase 3: replay window, AEAD (in place), delivery.
         for (k, (i, w)) in work.into_iter().enumerate() {
-            let r = if !sig_ok[k] {
-                Err((
+            let Work { env, hb, auth } = w;
+            if !sig_ok[k] {
+                let detail = format!(
+                    "signature of message {} from {} does not verify",
+                    env.header.message_id, env.header.from
+                );
+                results[i] = Some(Err(self.reject(
+                    Meta::of_envelope(&env),
                     RejectReason::BadSignature,
-                    format!(
-                        "signature of message {} from {} does not verify",
-                        w.env.header.message_id, w.env.header.from
-                    ),
-                ))
-            } else {
-                self.finish_open(
-                    recipient,
-                    &w.env,
-                    &w.hb,
-                    match &w.auth {
-                        Auth::Signed { cipher, .. } => cipher.as_ref(),
-                        Auth::Session { session } => {
-                            match session.key_for(w.env.header.from, w.env.header.to) {
-                                Some(c) => c,
-                                None => {
-                                    results[i] = Some(Err(self.reject(
-                                        Meta::of_envelope(&w.env),
-                                        RejectReason::WrongRecipient,
-                                        "session does not belong to this pair".into(),
-                                        Some(w.env),
-                                    )));
-                                    continue;
-                                }
-                            }
+                    detail,
+                    Some(env),
+                )));
+                continue;
+            }
+            let cipher: &Aes256Gcm = match &auth {
+                Auth::Signed { cipher, .. } => cipher.as_ref(),
+                Auth::Session { session } => {
+                    match session.key_for(env.header.from, env.header.to) {
+                        Some(c) => c,
+                        None => {
+                            results[i] = Some(Err(self.reject(
+                                Meta::of_envelope(&env),
+                                RejectReason::WrongRecipient,
+                                "session does not belong to this pair".into(),
+                                Some(env),
+                            )));
+                            continue;
                         }
-                    },
-                    now,
-                )
-            };
-            results[i] = Some(match r {
-                Ok(m) => Ok(m),
-                Err((reason, detail)) => {
-                    Err(self.reject(Meta::of_envelope(&w.env), reason, detail, Some(w.env)))
+                    }
                 }
-            });
+            };
+            results[i] = Some(self.finish_open(recipient, env, &hb, cipher, now));
         }
         results
             .into_iter()
@@ -1611,48 +1604,76 @@ impl DefaultCommunicationBus {
         }
     }
 
+    /// Replay check, in-place AEAD decryption, replay mark. On failure the envelope is
+    /// returned for the dead-letter queue only while its body is still ciphertext.
     fn finish_open(
         &self,
         recipient: &AgentEntry,
-        env: &Envelope,
+        mut env: Envelope,
         hb: &[u8],
         cipher: &Aes256Gcm,
         now: u64,
-    ) -> std::result::Result<ReceivedMessage, (RejectReason, String)> {
-        let h = &env.header;
-        let payload = open_body(cipher, h, hb, &env.body).map_err(|_| {
-            (
-                RejectReason::AuthenticationFailed,
-                format!(
-                    "message {} from {} fails AEAD authentication",
-                    h.message_id, h.from
-                ),
+    ) -> Result<ReceivedMessage> {
+        let window = self.inner.config.replay_window;
+        let stream = (env.header.from, env.header.priority);
+        let replayed = |env: &Envelope, why: &str| {
+            format!(
+                "message {} (seq {}) from {}: {why}",
+                env.header.message_id, env.header.seq, env.header.from
             )
-        })?;
-        {
-            let window = self.inner.config.replay_window;
-            let mut replay = recipient.replay.lock();
-            replay
-                .entry((h.from, h.priority))
-                .or_insert_with(|| ReplayWindow::new(window))
-                .check_and_mark(h.seq)
-                .map_err(|why| {
-                    (
-                        RejectReason::Replayed,
-                        format!(
-                            "message {} (seq {}) from {}: {why}",
-                            h.message_id, h.seq, h.from
-                        ),
-                    )
-                })?;
+        };
+        // 1. Replay check (not yet marked: only authentic envelopes may move the window).
+        let seen = recipient
+            .replay
+            .lock()
+            .get(&stream)
+            .map(|w| w.check(env.header.seq))
+            .unwrap_or_else(|| ReplayWindow::new(window).check(env.header.seq));
+        if let Err(why) = seen {
+            let detail = replayed(&env, why);
+            return Err(self.reject(
+                Meta::of_envelope(&env),
+                RejectReason::Replayed,
+                detail,
+                Some(env),
+            ));
         }
+        // 2. Authenticate and decrypt in place (the body is untouched when the tag fails).
+        if open_body_in_place(cipher, &env.header, hb, &mut env.body).is_err() {
+            let detail = format!(
+                "message {} from {} fails AEAD authentication",
+                env.header.message_id, env.header.from
+            );
+            return Err(self.reject(
+                Meta::of_envelope(&env),
+                RejectReason::AuthenticationFailed,
+                detail,
+                Some(env),
+            ));
+        }
+        // 3. Mark (a concurrent receiver may have taken the same sequence number meanwhile:
+        //    then the decrypted body is dropped, never dead-lettered).
+        let marked = recipient
+            .replay
+            .lock()
+            .entry(stream)
+            .or_insert_with(|| ReplayWindow::new(window))
+            .check_and_mark(env.header.seq);
+        if let Err(why) = marked {
+            let detail = replayed(&env, why);
+            let mut meta = Meta::of_envelope(&env);
+            meta.size = env.body.len();
+            zeroize::Zeroize::zeroize(&mut env.body);
+            return Err(self.reject(meta, RejectReason::Replayed, detail, None));
+        }
+        let h = env.header;
         Ok(ReceivedMessage {
             message: Message {
                 id: h.message_id,
                 from: h.from,
                 to: h.to,
-                topic: h.topic.clone(),
-                payload,
+                topic: h.topic,
+                payload: env.body,
                 priority: h.priority,
                 ttl: Duration::from_millis(h.expires_ms.saturating_sub(now)),
             },

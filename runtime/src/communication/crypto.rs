@@ -320,33 +320,52 @@ pub(crate) fn seal_body(
     Ok(payload)
 }
 
-/// Authenticates and decrypts a body sealed by [`seal_body`]; `Err` when the tag does not
-/// match (altered header, ciphertext or wrong key).
+/// Authenticates and decrypts a body sealed by [`seal_body`] in place: on success `body`
+/// holds the plaintext; on failure (altered header, ciphertext or wrong key) it is left
+/// unchanged.
+pub(crate) fn open_body_in_place(
+    cipher: &Aes256Gcm,
+    header: &EnvelopeHeader,
+    header_bytes: &[u8],
+    body: &mut Vec<u8>,
+) -> Result<(), ()> {
+    if body.len() < 16 {
+        return Err(());
+    }
+    let split = body.len() - 16;
+    let tag: [u8; 16] = body[split..].try_into().map_err(|_| ())?;
+    let nonce = header.nonce();
+    if header.encrypted {
+        cipher
+            .decrypt_inout_detached(
+                &nonce,
+                header_bytes,
+                body[..split].as_mut().into(),
+                &tag.into(),
+            )
+            .map_err(|_| ())?;
+    } else {
+        let mut aad = Vec::with_capacity(header_bytes.len() + split);
+        aad.extend_from_slice(header_bytes);
+        aad.extend_from_slice(&body[..split]);
+        cipher
+            .decrypt_inout_detached(&nonce, &aad, (&mut [][..]).into(), &tag.into())
+            .map_err(|_| ())?;
+    }
+    body.truncate(split);
+    Ok(())
+}
+
+/// Like [`open_body_in_place`] on a copy.
+#[cfg(test)]
 pub(crate) fn open_body(
     cipher: &Aes256Gcm,
     header: &EnvelopeHeader,
     header_bytes: &[u8],
     body: &[u8],
 ) -> Result<Vec<u8>, ()> {
-    if body.len() < 16 {
-        return Err(());
-    }
-    let (data, tag) = body.split_at(body.len() - 16);
-    let tag: [u8; 16] = tag.try_into().map_err(|_| ())?;
-    let nonce = header.nonce();
-    let mut out = data.to_vec();
-    if header.encrypted {
-        cipher
-            .decrypt_inout_detached(&nonce, header_bytes, out.as_mut_slice().into(), &tag.into())
-            .map_err(|_| ())?;
-    } else {
-        let mut aad = Vec::with_capacity(header_bytes.len() + data.len());
-        aad.extend_from_slice(header_bytes);
-        aad.extend_from_slice(data);
-        cipher
-            .decrypt_inout_detached(&nonce, &aad, (&mut [][..]).into(), &tag.into())
-            .map_err(|_| ())?;
-    }
+    let mut out = body.to_vec();
+    open_body_in_place(cipher, header, header_bytes, &mut out)?;
     Ok(out)
 }
 

@@ -221,6 +221,24 @@ impl ReplayWindow {
         ((i / 64) as usize, 1u64 << (i % 64))
     }
 
+    /// Whether `seq` would be accepted (not seen, not too old), without remembering it.
+    pub fn check(&self, seq: u64) -> Result<(), &'static str> {
+        if seq == 0 {
+            return Err("sequence number 0 is never valid");
+        }
+        if seq > self.top {
+            return Ok(());
+        }
+        if self.top - seq >= self.width() {
+            return Err("sequence number is older than the replay window");
+        }
+        let (i, m) = self.bit(seq);
+        if self.bits[i] & m != 0 {
+            return Err("sequence number already seen");
+        }
+        Ok(())
+    }
+
     /// True (and remembered) when `seq` was not seen before and is not too old.
     pub fn check_and_mark(&mut self, seq: u64) -> Result<(), &'static str> {
         if seq == 0 {
@@ -360,6 +378,8 @@ mod tests {
     fn replay_window_accepts_each_sequence_once_within_the_window() {
         let mut w = ReplayWindow::new(128);
         assert!(w.check_and_mark(0).is_err());
+        assert!(w.check(5).is_ok());
+        assert!(w.check(5).is_ok(), "check does not remember");
         for s in [5u64, 3, 4, 10, 1] {
             assert!(w.check_and_mark(s).is_ok(), "{s}");
         }
