@@ -1,0 +1,210 @@
+//! The pest parser generated from `grammar.pest`, and the translation of its errors into
+//! diagnostics that name what was found, what was expected and what to do.
+
+use std::collections::BTreeSet;
+use std::sync::Once;
+
+use pest::error::{Error as PestError, InputLocation};
+use pest::iterators::Pair;
+use pest::Parser;
+
+use super::diagnostics::{did_you_mean, Diagnostics};
+
+/// The parser; `Rule` is generated from the grammar.
+#[derive(pest_derive::Parser)]
+#[grammar = "dsl/grammar.pest"]
+pub(crate) struct DslParser;
+
+static DETAIL: Once = Once::new();
+
+fn parse(start: Rule, source: &str) -> Result<Pair<'_, Rule>, Box<PestError<Rule>>> {
+    // Literal tokens (`}`, `=`, `[`) only appear in errors with error detail on.
+    DETAIL.call_once(|| pest::set_error_detail(true));
+    let mut pairs = DslParser::parse(start, source).map_err(Box::new)?;
+    pairs.next().ok_or_else(|| {
+        Box::new(PestError::new_from_pos(
+            pest::error::ErrorVariant::CustomError {
+                message: "empty parse".into(),
+            },
+            pest::Position::from_start(source),
+        ))
+    })
+}
+
+/// Parses a whole definition (`agent NAME { ... }`).
+pub(crate) fn parse_definition(source: &str) -> Result<Pair<'_, Rule>, Box<PestError<Rule>>> {
+    parse(Rule::definition, source)
+}
+
+/// Parses a sequence of policy statements.
+pub(crate) fn parse_policy_statements(
+    source: &str,
+) -> Result<Pair<'_, Rule>, Box<PestError<Rule>>> {
+    parse(Rule::policy_statements, source)
+}
+
+/// How a rule is called in messages; `None` for rules that should not be listed.
+fn describe(r: Rule) -> Option<String> {
+    let name = format!("{r:?}");
+    if let Some(kw) = name.strip_prefix("kw_") {
+        return Some(format!("`{kw}`"));
+    }
+    Some(
+        match r {
+            Rule::ident => "a name",
+            Rule::string | Rule::basic_string | Rule::raw_string => "a string",
+            Rule::quantity => "a number",
+            Rule::boolean => "`true` or `false`",
+            Rule::scalar | Rule::value => "a value",
+            Rule::list => "a list `[...]`",
+            Rule::cmp => "a comparison (`<`, `<=`, `>`, `>=`, `==`, `!=`)",
+            Rule::setting => "a setting `key = value`",
+            Rule::env_pair => "`NAME = \"value\"`",
+            Rule::EOI => "end of input",
+            Rule::target => "`any`, `agent \"NAME\"` or `topic \"NAME\"`",
+            Rule::condition => "`when`",
+            _ => return None,
+        }
+        .to_string(),
+    )
+}
+
+fn is_word_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == '-'
+}
+
+/// The token starting at `pos`: its end offset and how to call it.
+fn token_at(source: &str, pos: usize) -> (usize, String) {
+    let rest = &source[pos..];
+    let Some(first) = rest.chars().next() else {
+        return (pos, "end of input".into());
+    };
+    if is_word_char(first) {
+        let len = rest.find(|c: char| !is_word_char(c)).unwrap_or(rest.len());
+        return (pos + len, format!("`{}`", &rest[..len]));
+    }
+    if first == '"' {
+        let line_end = rest.find('\n').unwrap_or(rest.len());
+        let len = rest[1..line_end].find('"').map_or(line_end, |i| i + 2);
+        let text: String = rest[..len].chars().take(40).collect();
+        return (pos + len, format!("`{text}`"));
+    }
+    (pos + first.len_utf8(), format!("`{}`", first.escape_debug()))
+}
+
+/// Reports a pest error as one diagnostic.
+pub(crate) fn report(diags: &mut Diagnostics, source: &str, err: &PestError<Rule>) {
+    let pos = match err.location {
+        InputLocation::Pos(p) => p,
+        InputLocation::Span((s, _)) => s,
+    }
+    .min(source.len());
+    let pos = if source.is_char_boundary(pos) { pos } else { 0 };
+    let (end, found) = token_at(source, pos);
+
+    let mut expected: BTreeSet<String> = BTreeSet::new();
+    let mut keywords: Vec<String> = Vec::new();
+    if let pest::error::ErrorVariant::ParsingError { positives, .. } = &err.variant {
+        for r in positives {
+            if let Some(text) = describe(*r) {
+                if let Some(kw) = text.strip_prefix('`').and_then(|t| t.strip_suffix('`')) {
+                    keywords.push(kw.to_string());
+                }
+                expected.insert(text);
+            }
+        }
+    }
+    if let Some(attempts) = err.parse_attempts().filter(|a| a.max_position == pos) {
+        for token in attempts.expected_tokens() {
+            // `ParsingToken` is not exported; its Display is the literal text.
+            let token = token.to_string();
+            {
+                if token.chars().all(|c| c.is_ascii_alphabetic() || c == '_') {
+                    keywords.push(token.clone());
+                    expected.insert(format!("`{token}`"));
+                } else if matches!(
+                    token.as_str(),
+                    "{" | "}" | "[" | "]" | "=" | "," | ">=" | "<=" | "==" | "!=" | ">" | "<"
+                ) {
+                    expected.insert(format!("`{token}`"));
+                }
+            }
+        }
+        for stack in attempts.call_stacks() {
+            for r in stack.deepest.get_rule().into_iter().chain(stack.parent.as_ref()) {
+                if let Some(text) = describe(*r) {
+                    if let Some(kw) = text.strip_prefix('`').and_then(|t| t.strip_suffix('`')) {
+                        if kw.chars().all(|c| c.is_ascii_alphabetic() || c == '_') {
+                            keywords.push(kw.to_string());
+                        }
+                    }
+                    expected.insert(text);
+                }
+            }
+        }
+    }
+    // Comparison operators are listed once, as `a comparison`.
+    if expected.contains("a comparison (`<`, `<=`, `>`, `>=`, `==`, `!=`)") {
+        for op in ["`<`", "`<=`", "`>`", "`>=`", "`==`", "`!=`"] {
+            expected.remove(op);
+        }
+    }
+    let in_body = keywords.iter().any(|k| k == "run");
+    let in_policy = keywords.iter().any(|k| k == "allow");
+    if (in_body || in_policy) && !expected.contains("end of input") {
+        // Inside a block, its closing brace is always a way out.
+        expected.insert("`}`".to_string());
+    }
+    let list: Vec<&str> = expected.iter().map(String::as_str).collect();
+    let label = match list.len() {
+        0 => "not expected here".to_string(),
+        1 => format!("expected {}", list[0]),
+        n if n <= 12 => format!("expected {} or {}", list[..n - 1].join(", "), list[n - 1]),
+        _ => format!("expected one of {}, ...", list[..12].join(", ")),
+    };
+    let message = if pos >= source.len() {
+        "unexpected end of input".to_string()
+    } else {
+        format!("unexpected {found}")
+    };
+    let word = source[pos..end].to_string();
+    let hint = if pos >= source.len() {
+        Some(if expected.contains("`}`") {
+            "a `{` is not closed: add the missing `}`".to_string()
+        } else {
+            "the text ends in the middle of a statement".to_string()
+        })
+    } else if source[pos..].starts_with('"') && !source[pos + 1..end].contains('"') {
+        Some(
+            "a string must end with `\"` on the same line; use `\"\"\"...\"\"\"` for text over \
+             several lines"
+                .to_string(),
+        )
+    } else if !word.is_empty() && word.chars().all(is_word_char) {
+        let candidates: Vec<&str> = keywords.iter().map(String::as_str).collect();
+        did_you_mean(&word, candidates).or_else(|| {
+            if in_body {
+                Some(
+                    "an agent body holds settings (`key = value`), `run [...]`, `env`, `file`, \
+                     `capabilities [...]`, `limits { ... }`, `on ...` handlers and \
+                     `policy { ... }` blocks"
+                        .to_string(),
+                )
+            } else if in_policy {
+                Some("a policy statement starts with `allow`, `deny` or `audit`".to_string())
+            } else if expected.contains("a string") {
+                Some(format!("put the text in double quotes: `\"{word}\"`"))
+            } else {
+                None
+            }
+        })
+    } else if expected.contains("`=`") && expected.len() <= 2 {
+        Some("settings are written `key = value`".to_string())
+    } else {
+        None
+    };
+    let d = diags.error(pos..end, message, label);
+    if let Some(h) = hint {
+        d.hint(h);
+    }
+}
