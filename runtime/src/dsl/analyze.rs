@@ -10,8 +10,7 @@ use pest::iterators::Pair;
 
 use super::diagnostics::{did_you_mean, Diagnostics};
 use super::model::{
-    AgentDefinition, CronSchedule, Handler, HandlerOutput, LimitOverrides, Trigger,
-    WorkspaceFile,
+    AgentDefinition, CronSchedule, Handler, HandlerOutput, LimitOverrides, Trigger, WorkspaceFile,
 };
 use super::syntax::Rule;
 use super::values;
@@ -51,8 +50,11 @@ const TIERS: [&str; 4] = ["native", "docker", "gvisor", "microvm"];
 const AUDIT_KINDS: [&str; 6] = ["send", "receive", "network", "write", "exec", "resources"];
 const PRIORITIES: [&str; 4] = ["low", "normal", "high", "critical"];
 
+/// The pair's byte range, without trailing whitespace (a failed repetition at the end of a
+/// rule can leave whitespace inside its span).
 fn span(pair: &Pair<'_, Rule>) -> Range<usize> {
-    pair.as_span().start()..pair.as_span().end()
+    let start = pair.as_span().start();
+    start..start + pair.as_str().trim_end().len()
 }
 
 /// A literal value with its place in the source.
@@ -110,7 +112,8 @@ impl Analyzer<'_> {
             Err((offset, why)) => {
                 let at = pair.as_span().start() + offset;
                 self.diags
-                    .error(at.saturating_sub(1)..at + 1, "invalid string", why);
+                    .error(at.saturating_sub(1)..at + 1, "invalid string", why)
+                    .hint("to write a backslash itself, double it: `\\\\`");
                 None
             }
         }
@@ -170,11 +173,13 @@ impl Analyzer<'_> {
                 None
             }
             Value::List(sp) => {
-                self.diags.error(
-                    sp,
-                    format!("`{key}` must be a string, not a list"),
-                    "a list",
-                );
+                self.diags
+                    .error(
+                        sp,
+                        format!("`{key}` must be a string, not a list"),
+                        "a list",
+                    )
+                    .hint(format!("write `{key} = \"...\"`"));
                 None
             }
         }
@@ -182,7 +187,11 @@ impl Analyzer<'_> {
 
     // ------------------------------------------------------------------ the agent
 
-    fn definition(&mut self, pair: Pair<'_, Rule>, host: &HostFiles<'_>) -> Option<AgentDefinition> {
+    fn definition(
+        &mut self,
+        pair: Pair<'_, Rule>,
+        host: &HostFiles<'_>,
+    ) -> Option<AgentDefinition> {
         let agent = pair.into_inner().find(|p| p.as_rule() == Rule::agent)?;
         let mut inner = agent.into_inner();
         let _kw = inner.next()?;
@@ -246,9 +255,13 @@ impl Analyzer<'_> {
                     }
                 }
                 Rule::handler => {
-                    if let Some(h) = self.handler(item, &def.handlers, &handler_spans) {
-                        def.handlers.push(h);
-                        handler_spans.push(item_span);
+                    let errors_before = self.diags.errors().count();
+                    match self.handler(item, &def.handlers, &handler_spans) {
+                        Some(h) => {
+                            def.handlers.push(h);
+                            handler_spans.push(item_span);
+                        }
+                        None => self.never_silently_dropped(errors_before, item_span),
                     }
                 }
                 Rule::policy_block => {
@@ -286,7 +299,9 @@ impl Analyzer<'_> {
             self.diags
                 .error(sp, format!("duplicate `{what}`"), format!("`{what}` again"))
                 .related(first, "first given here")
-                .hint(format!("an agent has at most one `{what}`; remove one of them"));
+                .hint(format!(
+                    "an agent has at most one `{what}`; remove one of them"
+                ));
             false
         } else {
             seen.insert(what, sp);
@@ -313,10 +328,16 @@ impl Analyzer<'_> {
                 format!("unknown key `{key}`"),
                 "not a setting of an agent",
             );
-            let hint = did_you_mean(key, AGENT_KEYS.iter().chain(STATEMENT_KEYWORDS.iter()).copied())
-                .unwrap_or_else(|| {
-                    format!("the settings of an agent are {}", AGENT_KEYS.map(|k| format!("`{k}`")).join(", "))
-                });
+            let hint = did_you_mean(
+                key,
+                AGENT_KEYS.iter().chain(STATEMENT_KEYWORDS.iter()).copied(),
+            )
+            .unwrap_or_else(|| {
+                format!(
+                    "the settings of an agent are {}",
+                    AGENT_KEYS.map(|k| format!("`{k}`")).join(", ")
+                )
+            });
             d.hint(hint);
             return;
         };
@@ -403,7 +424,11 @@ impl Analyzer<'_> {
         };
         if items.is_empty() {
             self.diags
-                .error(list_span, "empty program", "`run` needs at least the program")
+                .error(
+                    list_span,
+                    "empty program",
+                    "`run` needs at least the program",
+                )
                 .hint("e.g. `run [\"/bin/sh\", \"/workspace/main.sh\"]`");
             return;
         }
@@ -412,16 +437,20 @@ impl Analyzer<'_> {
             match item {
                 Scalar::Str(s) => {
                     if i == 0 && s.is_empty() {
-                        self.diags.error(sp, "empty program path", "empty").hint(
-                            "the first element is the program, e.g. \"/bin/sh\"",
-                        );
+                        self.diags
+                            .error(sp, "empty program path", "empty")
+                            .hint("the first element is the program, e.g. \"/bin/sh\"");
                     }
                     argv.push(s);
                 }
                 other => {
                     let text = other.text();
                     self.diags
-                        .error(sp, "program arguments must be strings", format!("this is {}", other.kind()))
+                        .error(
+                            sp,
+                            "program arguments must be strings",
+                            format!("this is {}", other.kind()),
+                        )
                         .hint(format!("put it in double quotes: `\"{text}\"`"));
                 }
             }
@@ -455,7 +484,11 @@ impl Analyzer<'_> {
         if let Some(first) = spans.get(&name) {
             let first = first.clone();
             self.diags
-                .error(key_span, format!("duplicate environment variable `{name}`"), "set again")
+                .error(
+                    key_span,
+                    format!("duplicate environment variable `{name}`"),
+                    "set again",
+                )
                 .related(first, "first set here")
                 .hint("set each variable once");
             return;
@@ -471,7 +504,11 @@ impl Analyzer<'_> {
             other => {
                 let text = other.text();
                 self.diags
-                    .error(vsp, "environment values must be strings", format!("this is {}", other.kind()))
+                    .error(
+                        vsp,
+                        "environment values must be strings",
+                        format!("this is {}", other.kind()),
+                    )
                     .hint(format!("put it in double quotes: `{name} = \"{text}\"`"));
             }
         }
@@ -503,7 +540,9 @@ impl Analyzer<'_> {
                         match values::parse_mode(q.as_str()) {
                             Ok(m) => mode = Some(m),
                             Err(why) => {
-                                self.diags.error(span(&q), "bad file mode", why);
+                                self.diags.error(span(&q), "bad file mode", why).hint(
+                                    "modes are octal, as for chmod: `0755` for programs, `0644` for data",
+                                );
                                 ok = false;
                             }
                         }
@@ -539,12 +578,12 @@ impl Analyzer<'_> {
             return;
         };
         let pb = PathBuf::from(&path);
-        let relative_ok = !path.is_empty()
-            && pb
-                .components()
-                .all(|c| matches!(c, Component::Normal(_)));
+        let relative_ok =
+            !path.is_empty() && pb.components().all(|c| matches!(c, Component::Normal(_)));
         if !relative_ok {
-            let stripped = path.trim_start_matches("/workspace/").trim_start_matches('/');
+            let stripped = path
+                .trim_start_matches("/workspace/")
+                .trim_start_matches('/');
             self.diags
                 .error(
                     path_span,
@@ -560,7 +599,11 @@ impl Analyzer<'_> {
         if let Some(first) = spans.get(&pb) {
             let first = first.clone();
             self.diags
-                .error(path_span, format!("duplicate file `{path}`"), "placed again")
+                .error(
+                    path_span,
+                    format!("duplicate file `{path}`"),
+                    "placed again",
+                )
                 .related(first, "first placed here")
                 .hint("place each file once");
             return;
@@ -572,7 +615,11 @@ impl Analyzer<'_> {
             return;
         };
         spans.insert(pb.clone(), path_span);
-        let mode = mode.unwrap_or(if contents.starts_with(b"#!") { 0o755 } else { 0o644 });
+        let mode = mode.unwrap_or(if contents.starts_with(b"#!") {
+            0o755
+        } else {
+            0o644
+        });
         def.files.push(WorkspaceFile {
             path: pb,
             mode,
@@ -594,7 +641,10 @@ impl Analyzer<'_> {
             return None;
         };
         let rel_path = Path::new(rel);
-        let plain = !rel.is_empty() && rel_path.components().all(|c| matches!(c, Component::Normal(_)));
+        let plain = !rel.is_empty()
+            && rel_path
+                .components()
+                .all(|c| matches!(c, Component::Normal(_)));
         if !plain {
             self.diags
                 .error(sp, format!("bad host file path `{rel}`"), "must stay inside the definition's directory")
@@ -622,7 +672,10 @@ impl Analyzer<'_> {
             }
         };
         if !resolved.starts_with(&canonical_base) {
-            fail(self.diags, "it resolves (through a symbolic link) outside the definition's directory".into());
+            fail(
+                self.diags,
+                "it resolves (through a symbolic link) outside the definition's directory".into(),
+            );
             return None;
         }
         match std::fs::metadata(&resolved) {
@@ -631,7 +684,14 @@ impl Analyzer<'_> {
                 return None;
             }
             Ok(m) if m.len() > host.max_bytes => {
-                fail(self.diags, format!("{} bytes is more than the {} byte limit", m.len(), host.max_bytes));
+                fail(
+                    self.diags,
+                    format!(
+                        "{} bytes is more than the {} byte limit",
+                        m.len(),
+                        host.max_bytes
+                    ),
+                );
                 return None;
             }
             Err(e) => {
@@ -680,7 +740,11 @@ impl Analyzer<'_> {
                             .into()
                     });
                     self.diags
-                        .error(sp, format!("unknown capability `{text}`"), "not a capability")
+                        .error(
+                            sp,
+                            format!("unknown capability `{text}`"),
+                            "not a capability",
+                        )
                         .hint(hint);
                 }
             }
@@ -701,11 +765,19 @@ impl Analyzer<'_> {
                     "the limits are `memory`, `cpu`, `disk_io`, `network_io`, `timeout` and `idle_timeout`".into()
                 });
                 self.diags
-                    .error(span(&key_pair), format!("unknown limit `{key}`"), "not a resource limit")
+                    .error(
+                        span(&key_pair),
+                        format!("unknown limit `{key}`"),
+                        "not a resource limit",
+                    )
                     .hint(hint);
                 continue;
             };
-            let canonical = if known == "execution_timeout" { "timeout" } else { known };
+            let canonical = if known == "execution_timeout" {
+                "timeout"
+            } else {
+                known
+            };
             if let Some(first) = seen.get(canonical) {
                 let first = first.clone();
                 self.diags
@@ -720,7 +792,13 @@ impl Analyzer<'_> {
             let (text, vsp) = match value {
                 Value::One(s, vsp) => (s.text(), vsp),
                 Value::List(vsp) => {
-                    self.diags.error(vsp, format!("`{canonical}` must be a single value"), "a list");
+                    self.diags
+                        .error(
+                            vsp,
+                            format!("`{canonical}` must be a single value"),
+                            "a list",
+                        )
+                        .hint("limits take one value, e.g. `memory = 256MiB`");
                     continue;
                 }
             };
@@ -738,7 +816,9 @@ impl Analyzer<'_> {
                         def.limits.cpu_cores = Some(n);
                         Ok(())
                     }
-                    _ => Err(format!("`{text}` is not a number of cores above 0 (e.g. `0.5`, `2`)")),
+                    _ => Err(format!(
+                        "`{text}` is not a number of cores above 0 (e.g. `0.5`, `2`)"
+                    )),
                 },
                 "disk_io" | "network_io" => match values::split_quantity(&text) {
                     Some((n, "")) if n >= 0.0 && n.fract() == 0.0 && n < u64::MAX as f64 => {
@@ -751,7 +831,11 @@ impl Analyzer<'_> {
                     }
                     _ => Err(format!(
                         "`{text}` is not a whole number of {} (0 = unlimited)",
-                        if canonical == "disk_io" { "MB/s" } else { "Mb/s" }
+                        if canonical == "disk_io" {
+                            "MB/s"
+                        } else {
+                            "Mb/s"
+                        }
                     )),
                 },
                 _ => values::parse_duration(&text).and_then(|d| {
@@ -768,7 +852,17 @@ impl Analyzer<'_> {
                 }),
             };
             if let Err(why) = result {
-                self.diags.error(vsp, format!("bad `{canonical}` limit"), why);
+                let example = match canonical {
+                    "memory" => "memory = 256MiB",
+                    "cpu" => "cpu = 0.5",
+                    "disk_io" => "disk_io = 50",
+                    "network_io" => "network_io = 10",
+                    "timeout" => "timeout = 30m",
+                    _ => "idle_timeout = 5m",
+                };
+                self.diags
+                    .error(vsp, format!("bad `{canonical}` limit"), why)
+                    .hint(format!("e.g. `{example}`"));
             }
         }
     }
@@ -798,7 +892,9 @@ impl Analyzer<'_> {
                     let ssp = span(&s);
                     let topic = self.string(&s)?;
                     if topic.trim().is_empty() {
-                        self.diags.error(ssp, "empty topic", "no topic named");
+                        self.diags
+                            .error(ssp, "empty topic", "no topic named")
+                            .hint("name the topic, e.g. `on message \"jobs\"`");
                         ok = false;
                     }
                     trigger = Some((Trigger::Message { topic }, sp));
@@ -819,7 +915,8 @@ impl Analyzer<'_> {
                 }
                 Rule::opt_as => {
                     if name.is_some() {
-                        self.diags.error(sp, "duplicate `as`", "a handler has one name");
+                        self.diags
+                            .error(sp, "duplicate `as`", "a handler has one name");
                         ok = false;
                         continue;
                     }
@@ -830,7 +927,9 @@ impl Analyzer<'_> {
                         n.as_str().to_string()
                     };
                     if text.trim().is_empty() {
-                        self.diags.error(sp, "empty handler name", "no name");
+                        self.diags
+                            .error(sp, "empty handler name", "no name")
+                            .hint("e.g. `as nightly`");
                         ok = false;
                     }
                     name = Some((text, span(&n)));
@@ -841,14 +940,20 @@ impl Analyzer<'_> {
                     let topic = self.string(&s)?;
                     if let Some(first) = &output_span {
                         self.diags
-                            .error(sp, "a handler's output goes to one place", "second destination")
+                            .error(
+                                sp,
+                                "a handler's output goes to one place",
+                                "second destination",
+                            )
                             .related(first.clone(), "first destination")
                             .hint("keep either `reply \"TOPIC\"` or `send \"TOPIC\"`");
                         ok = false;
                         continue;
                     }
                     if topic.trim().is_empty() {
-                        self.diags.error(span(&s), "empty topic", "no topic named");
+                        self.diags
+                            .error(span(&s), "empty topic", "no topic named")
+                            .hint("name the topic, e.g. `send \"results\"`");
                         ok = false;
                     }
                     output_span = Some(sp);
@@ -860,7 +965,9 @@ impl Analyzer<'_> {
                 }
                 Rule::opt_timeout => {
                     if timeout_seen {
-                        self.diags.error(sp, "duplicate `timeout`", "a handler has one timeout");
+                        self.diags
+                            .error(sp, "duplicate `timeout`", "a handler has one timeout")
+                            .hint("keep one `timeout DURATION`");
                         ok = false;
                         continue;
                     }
@@ -874,11 +981,15 @@ impl Analyzer<'_> {
                     match values::parse_duration(&text) {
                         Ok(d) if !d.is_zero() => timeout = Some(d),
                         Ok(_) => {
-                            self.diags.error(span(&v), "bad handler timeout", "must be longer than 0s");
+                            self.diags
+                                .error(span(&v), "bad handler timeout", "must be longer than 0s")
+                                .hint("e.g. `timeout 30s`; leave it out to use the agent's timeout");
                             ok = false;
                         }
                         Err(why) => {
-                            self.diags.error(span(&v), "bad handler timeout", why);
+                            self.diags
+                                .error(span(&v), "bad handler timeout", why)
+                                .hint("e.g. `timeout 30s`");
                             ok = false;
                         }
                     }
@@ -890,7 +1001,11 @@ impl Analyzer<'_> {
         if let (HandlerOutput::Reply { .. }, Some(osp)) = (&output, &output_span) {
             if !matches!(trigger, Trigger::Message { .. }) {
                 self.diags
-                    .error(osp.clone(), "nothing to reply to", "only message handlers have a sender")
+                    .error(
+                        osp.clone(),
+                        "nothing to reply to",
+                        "only message handlers have a sender",
+                    )
                     .hint("use `send \"TOPIC\"` to publish the output instead");
                 ok = false;
             }
@@ -917,7 +1032,11 @@ impl Analyzer<'_> {
             };
             if let Some(what) = clash {
                 self.diags
-                    .error(name_span.clone(), format!("duplicate handler: {what}"), "duplicate")
+                    .error(
+                        name_span.clone(),
+                        format!("duplicate handler: {what}"),
+                        "duplicate",
+                    )
                     .related(other_span.clone(), "the first one")
                     .hint("merge them into one handler, or name them apart with `as NAME`");
                 return None;
@@ -935,10 +1054,27 @@ impl Analyzer<'_> {
     // ------------------------------------------------------------------ policies
 
     fn policy_statement(&mut self, pair: Pair<'_, Rule>) -> Option<PolicyStatement> {
-        match pair.as_rule() {
+        let errors_before = self.diags.errors().count();
+        let sp = span(&pair);
+        let statement = match pair.as_rule() {
             Rule::policy_rule => self.rule(pair).map(PolicyStatement::Rule),
             Rule::audit_stmt => self.audit(pair).map(PolicyStatement::Audit),
-            _ => None,
+            // `policy`, `{`, `}` and end of input carry no statement.
+            _ => return None,
+        };
+        if statement.is_none() {
+            self.never_silently_dropped(errors_before, sp);
+        }
+        statement
+    }
+
+    /// A statement that yields nothing must have said why: a dropped `deny` would widen
+    /// what the agent may do.
+    fn never_silently_dropped(&mut self, errors_before: usize, sp: Range<usize>) {
+        if self.diags.errors().count() == errors_before {
+            self.diags
+                .error(sp, "this statement could not be read", "not understood")
+                .hint("check it against the reference in docs/dsl.md");
         }
     }
 
@@ -968,7 +1104,11 @@ impl Analyzer<'_> {
 
     fn rule(&mut self, pair: Pair<'_, Rule>) -> Option<RuleSpec> {
         let sp = span(&pair);
-        let text = pair.as_str().split_whitespace().collect::<Vec<_>>().join(" ");
+        let text = pair
+            .as_str()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
         let origin = self.origin(sp.start);
         let mut inner = pair.into_inner();
         let effect = match inner.next()?.as_rule() {
@@ -1030,7 +1170,9 @@ impl Analyzer<'_> {
                 };
                 let amount = match kind {
                     ResourceKind::Memory => values::parse_memory_mib(&vtext).map(|m| m as f64),
-                    ResourceKind::Timeout => values::parse_duration(&vtext).map(|d| d.as_secs_f64()),
+                    ResourceKind::Timeout => {
+                        values::parse_duration(&vtext).map(|d| d.as_secs_f64())
+                    }
                     ResourceKind::Cpu | ResourceKind::DiskIo | ResourceKind::NetworkIo => {
                         match values::split_quantity(&vtext) {
                             Some((n, "")) if n >= 0.0 => Ok(n),
@@ -1044,7 +1186,16 @@ impl Analyzer<'_> {
                 match amount {
                     Ok(amount) => ActionPattern::Resource { kind, op, amount },
                     Err(why) => {
-                        self.diags.error(vsp, format!("bad {kind} amount"), why);
+                        let example = match kind {
+                            ResourceKind::Memory => "deny memory > 1GiB",
+                            ResourceKind::Cpu => "deny cpu > 2",
+                            ResourceKind::DiskIo => "deny disk_io > 100",
+                            ResourceKind::NetworkIo => "deny network_io > 50",
+                            ResourceKind::Timeout => "deny timeout > 1h",
+                        };
+                        self.diags
+                            .error(vsp, format!("bad {kind} amount"), why)
+                            .hint(format!("e.g. `{example}`"));
                         return None;
                     }
                 }
@@ -1056,7 +1207,11 @@ impl Analyzer<'_> {
             let csp = span(&cond_pair);
             if !matches!(action, ActionPattern::Send(_) | ActionPattern::Receive(_)) {
                 self.diags
-                    .error(csp, "conditions apply to messages only", format!("`{}` has no message to look at", action.kind()))
+                    .error(
+                        csp,
+                        "conditions apply to messages only",
+                        format!("`{}` has no message to look at", action.kind()),
+                    )
                     .related(act_span, "this rule is not about a message")
                     .hint("use `when` on `send to ...` and `receive from ...` rules");
                 return None;
@@ -1077,6 +1232,12 @@ impl Analyzer<'_> {
     fn condition(&mut self, pair: Pair<'_, Rule>) -> Option<Condition> {
         let mut inner = pair.into_inner();
         let kw = inner.next()?;
+        // `meta "key" OP "value"` has the key before the operator.
+        let key_pair = if kw.as_rule() == Rule::kw_meta {
+            Some(inner.next()?)
+        } else {
+            None
+        };
         let op_pair = inner.next()?;
         let op_span = span(&op_pair);
         let op = CmpOp::parse(op_pair.as_str())?;
@@ -1101,17 +1262,22 @@ impl Analyzer<'_> {
             Rule::kw_size => match values::parse_bytes(v.as_str()) {
                 Ok(n) => Some(Condition::Size(op, n)),
                 Err(why) => {
-                    self.diags.error(vsp, "bad size", why);
+                    self.diags
+                        .error(vsp, "bad size", why)
+                        .hint("e.g. `when size <= 64KiB`");
                     None
                 }
             },
             _ => {
-                let key = self.string(&v)?;
-                let value_pair = inner.next()?;
-                let value = self.string(&value_pair)?;
+                let key = self.string(&key_pair?)?;
+                let value = self.string(&v)?;
                 if !matches!(op, CmpOp::Eq | CmpOp::Ne) {
                     self.diags
-                        .error(op_span, "metadata is compared with `==` or `!=`", "not an equality")
+                        .error(
+                            op_span,
+                            "metadata is compared with `==` or `!=`",
+                            "not an equality",
+                        )
                         .hint(format!("e.g. `meta \"{key}\" == \"{value}\"`"));
                     return None;
                 }
@@ -1137,7 +1303,11 @@ impl Analyzer<'_> {
                             "the kinds are `send`, `receive`, `network`, `write`, `exec` and `resources`".into()
                         });
                         self.diags
-                            .error(span(&p), format!("unknown action kind `{}`", p.as_str()), "not an action kind")
+                            .error(
+                                span(&p),
+                                format!("unknown action kind `{}`", p.as_str()),
+                                "not an action kind",
+                            )
                             .hint(hint);
                         ok = false;
                     }
@@ -1169,7 +1339,9 @@ impl Analyzer<'_> {
             })
             .collect();
         let allows = |f: &dyn Fn(&ActionPattern) -> bool| {
-            rules.iter().any(|r| r.effect == Effect::Allow && f(&r.action))
+            rules
+                .iter()
+                .any(|r| r.effect == Effect::Allow && f(&r.action))
         };
         for (h, sp) in def.handlers.iter().zip(handler_spans) {
             if let Trigger::Message { topic } = &h.trigger {
@@ -1202,9 +1374,10 @@ impl Analyzer<'_> {
         for (cap, sp) in def.capabilities.iter().zip(cap_spans) {
             match cap {
                 Capability::Network => {
-                    if let Some(r) = rules.iter().find(|r| {
-                        r.effect == Effect::Deny && r.action == ActionPattern::Network
-                    }) {
+                    if let Some(r) = rules
+                        .iter()
+                        .find(|r| r.effect == Effect::Deny && r.action == ActionPattern::Network)
+                    {
                         let (line, col) = (r.origin.line, r.origin.column);
                         self.diags
                             .warning(sp.clone(), "capability `network` is denied by this agent's own policy", "never granted")

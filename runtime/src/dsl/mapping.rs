@@ -226,13 +226,21 @@ fn merge_limits(
     };
     if let Some(m) = o.memory_mb {
         if m > config.memory_mb {
-            cap("memory", format!("{m} MiB"), format!("{} MiB", config.memory_mb));
+            cap(
+                "memory",
+                format!("{m} MiB"),
+                format!("{} MiB", config.memory_mb),
+            );
         }
         out.memory_mb = m.min(config.memory_mb);
     }
     if let Some(c) = o.cpu_cores {
         if c > config.cpu_cores {
-            cap("cpu", format!("{c} cores"), format!("{} cores", config.cpu_cores));
+            cap(
+                "cpu",
+                format!("{c} cores"),
+                format!("{} cores", config.cpu_cores),
+            );
         }
         out.cpu_cores = c.min(config.cpu_cores);
     }
@@ -245,14 +253,22 @@ fn merge_limits(
     if let Some(d) = o.disk_io_mbps {
         let merged = min_bw(d, config.disk_io_mbps);
         if merged != d {
-            cap("disk_io", format!("{d} MB/s"), format!("{} MB/s", config.disk_io_mbps));
+            cap(
+                "disk_io",
+                format!("{d} MB/s"),
+                format!("{} MB/s", config.disk_io_mbps),
+            );
         }
         out.disk_io_mbps = merged;
     }
     if let Some(n) = o.network_io_mbps {
         let merged = min_bw(n, config.network_io_mbps);
         if merged != n {
-            cap("network_io", format!("{n} Mb/s"), format!("{} Mb/s", config.network_io_mbps));
+            cap(
+                "network_io",
+                format!("{n} Mb/s"),
+                format!("{} Mb/s", config.network_io_mbps),
+            );
         }
         out.network_io_mbps = merged;
     }

@@ -46,8 +46,7 @@ mod values;
 pub use diagnostics::{Diagnostic, Diagnostics, Severity};
 pub use mapping::{compile_definition, CompiledAgent};
 pub use model::{
-    AgentDefinition, CronSchedule, Handler, HandlerOutput, LimitOverrides, Trigger,
-    WorkspaceFile,
+    AgentDefinition, CronSchedule, Handler, HandlerOutput, LimitOverrides, Trigger, WorkspaceFile,
 };
 
 use crate::error::RuntimeError;
@@ -147,7 +146,9 @@ pub fn load(
         }
         _ => {
             if !diags.has_errors() {
-                diags.error(0..0, "the definition could not be read", "here");
+                diags
+                    .error(0..0, "the definition could not be read", "here")
+                    .hint("check it against the reference in docs/dsl.md");
             }
             Err(diags)
         }

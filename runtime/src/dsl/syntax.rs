@@ -69,8 +69,11 @@ fn describe(r: Rule) -> Option<String> {
     )
 }
 
+/// Agent setting keys, for "settings are written `key = value`".
+const SETTING_KEYS: [&str; 5] = ["version", "description", "tier", "image", "workdir"];
+
 fn is_word_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || c == '_' || c == '-'
+    c.is_alphanumeric() || c == '_' || c == '-'
 }
 
 /// The token starting at `pos`: its end offset and how to call it.
@@ -89,7 +92,10 @@ fn token_at(source: &str, pos: usize) -> (usize, String) {
         let text: String = rest[..len].chars().take(40).collect();
         return (pos + len, format!("`{text}`"));
     }
-    (pos + first.len_utf8(), format!("`{}`", first.escape_debug()))
+    (
+        pos + first.len_utf8(),
+        format!("`{}`", first.escape_debug()),
+    )
 }
 
 /// Reports a pest error as one diagnostic.
@@ -131,7 +137,12 @@ pub(crate) fn report(diags: &mut Diagnostics, source: &str, err: &PestError<Rule
             }
         }
         for stack in attempts.call_stacks() {
-            for r in stack.deepest.get_rule().into_iter().chain(stack.parent.as_ref()) {
+            for r in stack
+                .deepest
+                .get_rule()
+                .into_iter()
+                .chain(stack.parent.as_ref())
+            {
                 if let Some(text) = describe(*r) {
                     if let Some(kw) = text.strip_prefix('`').and_then(|t| t.strip_suffix('`')) {
                         if kw.chars().all(|c| c.is_ascii_alphabetic() || c == '_') {
@@ -141,6 +152,12 @@ pub(crate) fn report(diags: &mut Diagnostics, source: &str, err: &PestError<Rule
                     expected.insert(text);
                 }
             }
+        }
+    }
+    // `any`, `agent "NAME"`, `topic "NAME"` are listed once, as the target.
+    if expected.iter().any(|e| e.starts_with("`any`, `agent \"NAME\"`")) {
+        for kw in ["`any`", "`agent`", "`topic`"] {
+            expected.remove(kw);
         }
     }
     // Comparison operators are listed once, as `a comparison`.
@@ -180,6 +197,16 @@ pub(crate) fn report(diags: &mut Diagnostics, source: &str, err: &PestError<Rule
              several lines"
                 .to_string(),
         )
+    } else if source[pos..].starts_with('"')
+        && expected.iter().any(|e| e.starts_with("`any`, `agent"))
+    {
+        Some(format!(
+            "say what the name is: `topic {}` or `agent {}`",
+            &source[pos..end],
+            &source[pos..end]
+        ))
+    } else if in_body && SETTING_KEYS.contains(&word.as_str()) {
+        Some(format!("settings are written `{word} = VALUE`"))
     } else if !word.is_empty() && word.chars().all(is_word_char) {
         let candidates: Vec<&str> = keywords.iter().map(String::as_str).collect();
         did_you_mean(&word, candidates).or_else(|| {
@@ -192,6 +219,17 @@ pub(crate) fn report(diags: &mut Diagnostics, source: &str, err: &PestError<Rule
                 )
             } else if in_policy {
                 Some("a policy statement starts with `allow`, `deny` or `audit`".to_string())
+            } else if keywords.iter().any(|k| k == "network") && keywords.iter().any(|k| k == "send") {
+                Some(
+                    "after `allow`/`deny` comes an action: `send to ...`, `receive from ...`, \
+                     `network`, `write \"/PATH\"`, `exec \"HANDLER\"` or a resource bound such \
+                     as `memory > 1024`"
+                        .to_string(),
+                )
+            } else if keywords.iter().any(|k| k == "start") {
+                Some("a handler is `on start`, `on message \"TOPIC\"` or `on schedule \"CRON\"`".to_string())
+            } else if expected.contains("a number") && !expected.contains("a name") {
+                Some("write a number, with its unit where it has one: `1024`, `64MiB`, `30s`".to_string())
             } else if expected.contains("a string") {
                 Some(format!("put the text in double quotes: `\"{word}\"`"))
             } else {
@@ -203,6 +241,13 @@ pub(crate) fn report(diags: &mut Diagnostics, source: &str, err: &PestError<Rule
     } else {
         None
     };
+    let hint = hint.or_else(|| {
+        if expected.len() == 1 && expected.contains("end of input") {
+            Some("a definition holds one agent; put each agent in its own file".to_string())
+        } else {
+            Some("see the grammar in docs/dsl.md".to_string())
+        }
+    });
     let d = diags.error(pos..end, message, label);
     if let Some(h) = hint {
         d.hint(h);

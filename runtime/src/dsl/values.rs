@@ -185,7 +185,10 @@ mod tests {
 
     #[test]
     fn escapes_decode() {
-        assert_eq!(decode_string(r#""a\nb\t\"q\" \u{e9}""#), Ok("a\nb\t\"q\" é".into()));
+        assert_eq!(
+            decode_string(r#""a\nb\t\"q\" \u{e9}""#),
+            Ok("a\nb\t\"q\" é".into())
+        );
         assert!(decode_string(r#""bad \q""#).is_err());
         assert!(decode_string(r#""bad \u{zz}""#).is_err());
         assert!(decode_string(r#""bad \u{110000}""#).is_err());

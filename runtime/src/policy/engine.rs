@@ -388,8 +388,7 @@ impl PolicySet {
             rule: format!("`{}` at {}", rule.text, rule.origin),
             reason: why,
         };
-        if !rule.conditions.is_empty() && !matches!(kind, ActionKind::Send | ActionKind::Receive)
-        {
+        if !rule.conditions.is_empty() && !matches!(kind, ActionKind::Send | ActionKind::Receive) {
             return Err(invalid(
                 "`when` conditions apply to send and receive rules only".into(),
             ));
@@ -581,10 +580,17 @@ impl PolicySet {
 
     /// Evaluates each resource of `limits` (0 for disk/network bandwidth means unlimited and
     /// is compared as infinite).
-    pub fn evaluate_resources(&self, limits: &ResourceLimits) -> [(ResourceKind, f64, Decision); 5] {
+    pub fn evaluate_resources(
+        &self,
+        limits: &ResourceLimits,
+    ) -> [(ResourceKind, f64, Decision); 5] {
         ResourceKind::ALL.map(|kind| {
             let amount = resource_amount(kind, limits);
-            (kind, amount, self.evaluate(&Action::Resource { kind, amount }))
+            (
+                kind,
+                amount,
+                self.evaluate(&Action::Resource { kind, amount }),
+            )
         })
     }
 
@@ -632,7 +638,11 @@ impl PolicySet {
         action: &Action<'_>,
         decision: &Decision,
     ) -> AuditEvent {
-        let verdict = if decision.allowed { "allowed" } else { "denied" };
+        let verdict = if decision.allowed {
+            "allowed"
+        } else {
+            "denied"
+        };
         let mut event = AuditEvent::new(
             AuditEventType::PolicyDecision,
             agent_id,

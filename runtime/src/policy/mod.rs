@@ -312,10 +312,15 @@ impl AgentPolicies {
         meta: MessageMeta<'_>,
     ) -> Result<Decision, PolicyError> {
         let agents = self.agents.read();
-        let sender = agents.get(&from).ok_or_else(|| Self::unknown(from, "send"))?;
+        let sender = agents
+            .get(&from)
+            .ok_or_else(|| Self::unknown(from, "send"))?;
         let to_name = to.and_then(|id| agents.get(&id)).map(|r| r.name.as_str());
         let action = Action::Send {
-            to: AgentRef { name: to_name, id: to },
+            to: AgentRef {
+                name: to_name,
+                id: to,
+            },
             meta,
         };
         let decision = sender.policy.evaluate(&action);
@@ -335,7 +340,9 @@ impl AgentPolicies {
         meta: MessageMeta<'_>,
     ) -> Result<Decision, PolicyError> {
         let agents = self.agents.read();
-        let recipient = agents.get(&to).ok_or_else(|| Self::unknown(to, "receive"))?;
+        let recipient = agents
+            .get(&to)
+            .ok_or_else(|| Self::unknown(to, "receive"))?;
         let from_name = agents.get(&from).map(|r| r.name.as_str());
         let action = Action::Receive {
             from: AgentRef {

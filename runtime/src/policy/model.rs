@@ -560,6 +560,9 @@ mod tests {
     fn agent_pattern_recognizes_ids() {
         let id = AgentId::new();
         assert_eq!(AgentPattern::new(&id.to_string()), AgentPattern::Id(id));
-        assert!(matches!(AgentPattern::new("collector"), AgentPattern::Name(_)));
+        assert!(matches!(
+            AgentPattern::new("collector"),
+            AgentPattern::Name(_)
+        ));
     }
 }
