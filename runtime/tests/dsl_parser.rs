@@ -116,7 +116,11 @@ fn every_invalid_diagnostic_has_a_caret_and_a_hint() {
                 "{}: error without a hint:\n{rendered}",
                 path.display()
             );
-            assert!(!e.label.is_empty(), "{}: error without a label", path.display());
+            assert!(
+                !e.label.is_empty(),
+                "{}: error without a label",
+                path.display()
+            );
         }
     }
 }

@@ -224,11 +224,9 @@ impl Analyzer<'_> {
             let item_span = span(&item);
             match item.as_rule() {
                 Rule::setting => self.agent_setting(item, &mut def, &mut seen),
-                Rule::run_stmt => {
-                    if self.once("run", item_span.clone(), &mut seen) {
-                        run_seen = true;
-                        self.run(item, &mut def);
-                    }
+                Rule::run_stmt if self.once("run", item_span.clone(), &mut seen) => {
+                    run_seen = true;
+                    self.run(item, &mut def);
                 }
                 Rule::env_stmt => {
                     for pair in item.into_inner().flat_map(|p| {
@@ -244,15 +242,11 @@ impl Analyzer<'_> {
                     }
                 }
                 Rule::file_stmt => self.file(item, &mut def, &mut file_spans, host),
-                Rule::caps_stmt => {
-                    if self.once("capabilities", item_span, &mut seen) {
-                        self.capabilities(item, &mut def, &mut cap_spans);
-                    }
+                Rule::caps_stmt if self.once("capabilities", item_span.clone(), &mut seen) => {
+                    self.capabilities(item, &mut def, &mut cap_spans);
                 }
-                Rule::limits_block => {
-                    if self.once("limits", item_span, &mut seen) {
-                        self.limits(item, &mut def);
-                    }
+                Rule::limits_block if self.once("limits", item_span.clone(), &mut seen) => {
+                    self.limits(item, &mut def);
                 }
                 Rule::handler => {
                     let errors_before = self.diags.errors().count();
@@ -983,7 +977,9 @@ impl Analyzer<'_> {
                         Ok(_) => {
                             self.diags
                                 .error(span(&v), "bad handler timeout", "must be longer than 0s")
-                                .hint("e.g. `timeout 30s`; leave it out to use the agent's timeout");
+                                .hint(
+                                    "e.g. `timeout 30s`; leave it out to use the agent's timeout",
+                                );
                             ok = false;
                         }
                         Err(why) => {
@@ -1384,12 +1380,10 @@ impl Analyzer<'_> {
                             .hint(format!("`{}` at line {line}, column {col} overrides it; remove one of them", r.text));
                     }
                 }
-                Capability::FileSystem => {
-                    if !allows(&|a| matches!(a, ActionPattern::Write(_))) {
-                        self.diags
+                Capability::FileSystem if !allows(&|a| matches!(a, ActionPattern::Write(_))) => {
+                    self.diags
                             .warning(sp.clone(), "capability `filesystem` grants nothing by itself", "no writable path named")
                             .hint("add `allow write \"/ABSOLUTE/PATH\"` rules to a policy block; the workspace is always writable");
-                    }
                 }
                 _ => {}
             }

@@ -155,7 +155,10 @@ pub(crate) fn report(diags: &mut Diagnostics, source: &str, err: &PestError<Rule
         }
     }
     // `any`, `agent "NAME"`, `topic "NAME"` are listed once, as the target.
-    if expected.iter().any(|e| e.starts_with("`any`, `agent \"NAME\"`")) {
+    if expected
+        .iter()
+        .any(|e| e.starts_with("`any`, `agent \"NAME\"`"))
+    {
         for kw in ["`any`", "`agent`", "`topic`"] {
             expected.remove(kw);
         }
@@ -219,7 +222,9 @@ pub(crate) fn report(diags: &mut Diagnostics, source: &str, err: &PestError<Rule
                 )
             } else if in_policy {
                 Some("a policy statement starts with `allow`, `deny` or `audit`".to_string())
-            } else if keywords.iter().any(|k| k == "network") && keywords.iter().any(|k| k == "send") {
+            } else if keywords.iter().any(|k| k == "network")
+                && keywords.iter().any(|k| k == "send")
+            {
                 Some(
                     "after `allow`/`deny` comes an action: `send to ...`, `receive from ...`, \
                      `network`, `write \"/PATH\"`, `exec \"HANDLER\"` or a resource bound such \
@@ -227,9 +232,15 @@ pub(crate) fn report(diags: &mut Diagnostics, source: &str, err: &PestError<Rule
                         .to_string(),
                 )
             } else if keywords.iter().any(|k| k == "start") {
-                Some("a handler is `on start`, `on message \"TOPIC\"` or `on schedule \"CRON\"`".to_string())
+                Some(
+                    "a handler is `on start`, `on message \"TOPIC\"` or `on schedule \"CRON\"`"
+                        .to_string(),
+                )
             } else if expected.contains("a number") && !expected.contains("a name") {
-                Some("write a number, with its unit where it has one: `1024`, `64MiB`, `30s`".to_string())
+                Some(
+                    "write a number, with its unit where it has one: `1024`, `64MiB`, `30s`"
+                        .to_string(),
+                )
             } else if expected.contains("a string") {
                 Some(format!("put the text in double quotes: `\"{word}\"`"))
             } else {
