@@ -1,8 +1,8 @@
 //! The pest parser generated from `grammar.pest`, and the translation of its errors into
 //! diagnostics that name what was found, what was expected and what to do.
 
+use parking_lot::Mutex;
 use std::collections::BTreeSet;
-use std::sync::Once;
 
 use pest::error::{Error as PestError, InputLocation};
 use pest::iterators::Pair;
@@ -15,12 +15,23 @@ use super::diagnostics::{did_you_mean, Diagnostics};
 #[grammar = "dsl/grammar.pest"]
 pub(crate) struct DslParser;
 
-static DETAIL: Once = Once::new();
+/// Serializes the detailed re-parses: pest's error-detail switch is process-global.
+static DETAIL: Mutex<()> = Mutex::new(());
 
 fn parse(start: Rule, source: &str) -> Result<Pair<'_, Rule>, Box<PestError<Rule>>> {
-    // Literal tokens (`}`, `=`, `[`) only appear in errors with error detail on.
-    DETAIL.call_once(|| pest::set_error_detail(true));
-    let mut pairs = DslParser::parse(start, source).map_err(Box::new)?;
+    // Fast path without pest's error detail (collecting it costs ~40% of a parse). On a
+    // failure, parse again with it on so the error can list literal tokens (`}`, `=`, `[`);
+    // the lock keeps every detailed re-parse detailed even while another thread re-parses.
+    let mut pairs = match DslParser::parse(start, source) {
+        Ok(pairs) => pairs,
+        Err(_) => {
+            let _guard = DETAIL.lock();
+            pest::set_error_detail(true);
+            let detailed = DslParser::parse(start, source);
+            pest::set_error_detail(false);
+            detailed.map_err(Box::new)?
+        }
+    };
     pairs.next().ok_or_else(|| {
         Box::new(PestError::new_from_pos(
             pest::error::ErrorVariant::CustomError {
