@@ -3,6 +3,7 @@
 //! records they produce.
 
 use std::collections::HashMap;
+use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -559,4 +560,106 @@ fn hundred_rule_policy_decides_like_a_linear_scan() {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------- no allocation per decision
+
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static ACTIVE: Cell<bool> = const { Cell::new(false) };
+        static COUNT: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Counts the allocations made on the current thread while [`count`] runs.
+    pub struct Counting;
+
+    // SAFETY: every call is forwarded unchanged to the system allocator; the thread-locals
+    // are const-initialized `Cell`s, so touching them never allocates or recurses.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            if ACTIVE.try_with(Cell::get).unwrap_or(false) {
+                let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+            }
+            // SAFETY: same contract as our caller's.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: `ptr` came from `System.alloc` with this layout.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            if ACTIVE.try_with(Cell::get).unwrap_or(false) {
+                let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+            }
+            // SAFETY: `ptr` came from `System.alloc` with this layout.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    /// Runs `f` and returns how many allocations it made on this thread.
+    pub fn count(f: impl FnOnce()) -> usize {
+        COUNT.with(|c| c.set(0));
+        ACTIVE.with(|a| a.set(true));
+        f();
+        ACTIVE.with(|a| a.set(false));
+        COUNT.with(Cell::get)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: counting::Counting = counting::Counting;
+
+#[test]
+fn evaluation_does_not_allocate() {
+    let statements: Vec<String> = (0..100)
+        .map(|i| match i % 5 {
+            0 => format!("allow send to topic \"t{i}\" when priority >= High and size <= 4KiB"),
+            1 => format!("deny send to topic \"t{}\" when meta \"k\" == \"v\"", i - 1),
+            2 => format!("allow receive from agent \"a{i}*\""),
+            3 => format!("allow write \"/data/{i}\""),
+            _ => format!("deny memory > {}", 1000 + i),
+        })
+        .collect();
+    let p = PolicySet::from_sources(&statements).expect("compiles");
+    let mut meta = HashMap::new();
+    meta.insert("k".to_string(), "v".to_string());
+    let id = AgentId::new();
+    let actions = [
+        Action::Send {
+            to: AgentRef::NONE,
+            meta: send("t50").priority(Priority::High).metadata(&meta),
+        },
+        Action::Send {
+            to: AgentRef::new("x", id),
+            meta: send("nothing"),
+        },
+        Action::Receive {
+            from: AgentRef::named("a42-worker"),
+            meta: send("x"),
+        },
+        Action::Network,
+        Action::Write {
+            path: Path::new("/data/13/file"),
+        },
+        Action::Exec { handler: "h" },
+        Action::Resource {
+            kind: ResourceKind::Memory,
+            amount: 4096.0,
+        },
+    ];
+    let mut allowed = 0;
+    let allocations = counting::count(|| {
+        for action in &actions {
+            if p.evaluate(action).allowed {
+                allowed += 1;
+            }
+        }
+    });
+    assert_eq!(allocations, 0);
+    // The counter does see allocations (this test could fail).
+    assert_eq!(counting::count(|| drop(black_box(vec![1u8]))), 1);
+    assert_eq!(allowed, 2, "the receive and the write are granted");
 }
