@@ -663,3 +663,38 @@ fn evaluation_does_not_allocate() {
     assert_eq!(counting::count(|| drop(black_box(vec![1u8]))), 1);
     assert_eq!(allowed, 2, "the receive and the write are granted");
 }
+
+#[test]
+fn write_matching_is_by_component_and_refuses_unnormal_paths() {
+    let p = set(&[
+        "allow write \"/srv/data/\"",
+        "deny write \"/srv/data/keys\"",
+        "allow write \"/\"",
+    ]);
+    assert!(p.check_write(Path::new("/srv/data")).is_ok());
+    assert!(p.check_write(Path::new("/srv/data/x")).is_ok());
+    assert!(p.check_write(Path::new("/srv/data/keys")).is_err());
+    assert!(p.check_write(Path::new("/srv/data/keys/k")).is_err());
+    assert!(
+        p.check_write(Path::new("/srv/data/keysafe")).is_ok(),
+        "component, not prefix"
+    );
+    // Spellings that would dodge a byte-wise deny are refused outright.
+    for dodge in [
+        "/srv/data//keys",
+        "/srv/data/./keys",
+        "/srv/data/x/../keys",
+        "/srv/data/keys/",
+        "srv",
+    ] {
+        let d = p.evaluate(&Action::Write {
+            path: Path::new(dodge),
+        });
+        assert!(!d.allowed, "{dodge}");
+        assert!(p.check_write(Path::new(dodge)).is_err(), "{dodge}");
+    }
+    assert!(
+        p.check_write(Path::new("/etc/x")).is_ok(),
+        "allow write \"/\" grants everything else"
+    );
+}

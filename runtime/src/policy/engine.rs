@@ -203,7 +203,7 @@ impl RuleSpec {
                 peer_matches(p, peer, meta) && conditions_hold(&self.conditions, meta)
             }
             (ActionPattern::Network, Action::Network) => true,
-            (ActionPattern::Write(root), Action::Write { path }) => path.starts_with(root),
+            (ActionPattern::Write(root), Action::Write { path }) => path_within(path, root),
             (ActionPattern::Exec(p), Action::Exec { handler }) => p.matches(handler),
             (
                 ActionPattern::Resource {
@@ -248,8 +248,10 @@ fn conditions_hold(conditions: &[Condition], meta: &MessageMeta<'_>) -> bool {
 /// and the rest, scanned in order. Every list is sorted by rule id.
 #[derive(Debug, Default, Clone)]
 struct Bucket {
-    by_key: HashMap<Box<str>, Vec<u32>>,
-    by_agent: HashMap<Box<str>, Vec<u32>>,
+    // foldhash: keys are the policy's own names; lookups hash a message's topic or an agent's
+    // name and never insert, so a fast non-DoS-resistant hash is fine here.
+    by_key: foldhash::HashMap<Box<str>, Vec<u32>>,
+    by_agent: foldhash::HashMap<Box<str>, Vec<u32>>,
     scan: Vec<u32>,
 }
 
@@ -382,7 +384,7 @@ impl PolicySet {
         Ok(set)
     }
 
-    fn push_rule(&mut self, rule: RuleSpec) -> Result<(), PolicyError> {
+    fn push_rule(&mut self, mut rule: RuleSpec) -> Result<(), PolicyError> {
         let kind = rule.action.kind();
         let invalid = |why: String| PolicyError::Invalid {
             rule: format!("`{}` at {}", rule.text, rule.origin),
@@ -400,6 +402,10 @@ impl PolicySet {
                     p.display()
                 )));
             }
+        }
+        if let ActionPattern::Write(p) = &mut rule.action {
+            // Normal form (no `//`, no trailing `/`) so matching can compare bytes.
+            *p = p.components().collect();
         }
         if let ActionPattern::Resource { amount, .. } = &rule.action {
             if !amount.is_finite() {
@@ -461,10 +467,20 @@ impl PolicySet {
         self.read_only = read_only;
     }
 
-    /// Decides `action`. Never allocates.
+    /// Decides `action`. Never allocates. A write to a path not in normal form (relative,
+    /// or with `//`, `.`, `..` or a trailing `/`) is refused without consulting the rules.
     #[inline]
     pub fn evaluate(&self, action: &Action<'_>) -> Decision {
         let kind = action.kind();
+        if let Action::Write { path } = action {
+            if !is_normal_path(path) {
+                return Decision {
+                    allowed: false,
+                    rule: None,
+                    audit: self.audit[kind.index()] != AuditMode::None,
+                };
+            }
+        }
         let (index, needs_grant) = match action {
             Action::Resource { kind: rk, .. } => {
                 let idx = &self.resources[rk.index()];
@@ -544,18 +560,13 @@ impl PolicySet {
         self.check(&Action::Network)
     }
 
-    /// May the agent write below `path`? Relative or non-normalized paths are refused.
+    /// May the agent write below `path`? Paths not in normal form are refused.
     pub fn check_write(&self, path: &Path) -> Result<Decision, PolicyError> {
-        if !is_normalized_absolute(path) {
-            let decision = Decision {
-                allowed: false,
-                rule: None,
-                audit: self.audit[ActionKind::Write.index()] != AuditMode::None,
-            };
+        if !is_normal_path(path) {
             return Err(PolicyError::Denied {
                 action: Action::Write { path }.to_string(),
-                rule: "the path must be absolute and contain no `.` or `..`".into(),
-                audit: decision.audit,
+                rule: "the path must be absolute, without `//`, `.`, `..` or a trailing `/`".into(),
+                audit: self.audit[ActionKind::Write.index()] != AuditMode::None,
             });
         }
         self.check(&Action::Write { path })
@@ -675,6 +686,32 @@ pub fn resource_amount(kind: ResourceKind, limits: &ResourceLimits) -> f64 {
         ResourceKind::NetworkIo => unlimited_if_zero(limits.network_io_mbps),
         ResourceKind::Timeout => limits.execution_timeout.as_secs_f64(),
     }
+}
+
+/// True when `path` is `root` or lies below it. Both must be in normal form (see
+/// [`is_normal_path`]); then comparing bytes equals comparing components.
+#[inline]
+fn path_within(path: &Path, root: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let (p, r) = (path.as_os_str().as_bytes(), root.as_os_str().as_bytes());
+    p.starts_with(r) && (p.len() == r.len() || r == b"/" || p[r.len()] == b'/')
+}
+
+/// True for an absolute path in normal form: no empty (`//`), `.` or `..` components and no
+/// trailing `/` (except the root itself). One pass over the bytes.
+#[inline]
+pub fn is_normal_path(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.first() != Some(&b'/') {
+        return false;
+    }
+    if bytes.len() == 1 {
+        return true;
+    }
+    bytes[1..]
+        .split(|&b| b == b'/')
+        .all(|c| !c.is_empty() && c != b"." && c != b"..")
 }
 
 /// True for an absolute path made only of normal components (no `.`, `..`).

@@ -45,8 +45,8 @@ mod engine;
 mod model;
 
 pub use engine::{
-    is_normalized_absolute, resource_amount, Action, AgentRef, Decision, MessageMeta, PolicySet,
-    RuleId,
+    is_normal_path, is_normalized_absolute, resource_amount, Action, AgentRef, Decision,
+    MessageMeta, PolicySet, RuleId,
 };
 pub use model::{
     ActionKind, ActionPattern, AgentPattern, AuditMode, AuditSpec, CmpOp, Condition, Effect,
