@@ -266,7 +266,7 @@ fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("communication");
     g.sample_size(10)
         .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(8));
+        .measurement_time(Duration::from_secs(15));
 
     g.throughput(Throughput::Elements(RAW_N as u64));
     g.bench_function("raw_sign_verify_2threads", |b| {
@@ -314,38 +314,33 @@ fn median2(v: Vec<(f64, f64)>) -> (f64, f64) {
 /// rate is given per wall second and per CPU second of this process; the machine is shared,
 /// so `per CPU second x 2` is what the two cores give when nothing else runs.
 fn summary() {
-    const RUNS: usize = 5;
+    const RUNS: usize = 7;
     let rt = runtime();
-    let raw = median2(
-        (0..RUNS)
-            .map(|_| measured(RAW_N, || raw_sign_verify(RAW_N)))
-            .collect(),
-    );
-    let raw_batch = median2(
-        (0..RUNS)
-            .map(|_| measured(RAW_N, || raw_sign_batch_verify(RAW_N)))
-            .collect(),
-    );
     let (sbus, spairs) = rt.block_on(setup(AuthMode::Signed));
-    let signed = median2(
-        (0..RUNS)
-            .map(|_| {
-                measured(SIGNED_N, || {
-                    rt.block_on(end_to_end(&sbus, &spairs, SIGNED_N))
-                })
-            })
-            .collect(),
-    );
     let (xbus, xpairs) = rt.block_on(setup(AuthMode::Session));
-    let session = median2(
-        (0..RUNS)
-            .map(|_| {
-                measured(SESSION_N, || {
-                    rt.block_on(end_to_end(&xbus, &xpairs, SESSION_N))
-                })
-            })
-            .collect(),
-    );
+    // Interleaved rounds: the machine is shared, so each round measures the bounds and the
+    // bus back to back and the ratios are taken per round (then the median).
+    let mut rounds = Vec::new();
+    for _ in 0..RUNS {
+        let raw = measured(RAW_N, || raw_sign_verify(RAW_N));
+        let raw_batch = measured(RAW_N, || raw_sign_batch_verify(RAW_N));
+        let signed = measured(SIGNED_N, || {
+            rt.block_on(end_to_end(&sbus, &spairs, SIGNED_N))
+        });
+        let session = measured(SESSION_N, || {
+            rt.block_on(end_to_end(&xbus, &xpairs, SESSION_N))
+        });
+        rounds.push([raw, raw_batch, signed, session]);
+    }
+    let col = |i: usize| median2(rounds.iter().map(|r| r[i]).collect());
+    let (raw, raw_batch, signed, session) = (col(0), col(1), col(2), col(3));
+    let ratio = |i: usize, j: usize| {
+        (
+            median(rounds.iter().map(|r| r[i].0 / r[j].0).collect()),
+            median(rounds.iter().map(|r| r[i].1 / r[j].1).collect()),
+        )
+    };
+    let (vs_a, vs_b) = (ratio(2, 0), ratio(2, 1));
     let window = Duration::from_secs(3);
     let lat_signed = rt.block_on(latency_at(&sbus, &spairs, signed.0 / 2.0, window));
     let lat_session = rt.block_on(latency_at(&xbus, &xpairs, session.0 / 2.0, window));
@@ -370,15 +365,16 @@ fn summary() {
     }
     let verdict = |ok: bool| if ok { "MET" } else { "NOT MET" };
     println!(
-        "signed vs bound A: {:.1}% of wall rate, {:.1}% of CPU rate (target >= 80%: {})",
-        100.0 * signed.0 / raw.0,
-        100.0 * signed.1 / raw.1,
-        verdict(signed.0 >= 0.8 * raw.0)
+        "signed vs bound A (median of per-round ratios): {:.1}% wall, {:.1}% CPU (target >= 80%: {})",
+        100.0 * vs_a.0,
+        100.0 * vs_a.1,
+        verdict(vs_a.0 >= 0.8)
     );
     println!(
-        "signed vs bound B: {:.1}% of wall rate, {:.1}% of CPU rate",
-        100.0 * signed.0 / raw_batch.0,
-        100.0 * signed.1 / raw_batch.1
+        "signed vs bound B (median of per-round ratios): {:.1}% wall, {:.1}% CPU (target >= 80%: {})",
+        100.0 * vs_b.0,
+        100.0 * vs_b.1,
+        verdict(vs_b.0 >= 0.8)
     );
     println!(
         "signed >= 20000 msg/s: wall {} ({:.0}), two idle cores {} ({:.0})",

@@ -414,7 +414,7 @@ async fn slow_consumer_keeps_memory_bounded_and_loses_nothing() {
     let mut max_seen = (0, 0);
     for i in 0..N {
         if i % 10 == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let usage = bus.mailbox_usage(b).expect("usage");
         max_seen = (max_seen.0.max(usage.0), max_seen.1.max(usage.1));
