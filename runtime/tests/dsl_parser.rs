@@ -486,7 +486,10 @@ fn exercise(source: &str) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    // DSL_FUZZ_CASES=100000 for a longer hunt.
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("DSL_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)
+    ))]
 
     #[test]
     fn arbitrary_strings_never_panic(source in any::<String>()) {
