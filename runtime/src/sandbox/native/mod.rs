@@ -304,6 +304,12 @@ impl NativeBackend {
     pub fn config(&self) -> &SandboxConfig {
         &self.config
     }
+
+    /// Like [`SandboxBackend::create`] but returns the concrete type, whose extra accessors
+    /// (state directory, cgroup directories, veth, reaper pid) serve diagnostics and tests.
+    pub async fn create_native(&self, spec: SandboxSpec) -> Result<NativeSandbox, SandboxError> {
+        NativeSandbox::create(self.clone(), spec).await
+    }
 }
 
 #[async_trait]

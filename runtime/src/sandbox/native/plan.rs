@@ -430,7 +430,14 @@ pub fn create_skeleton(s: &Skeleton<'_>) -> Result<(), SandboxError> {
         let _ = fs::copy("/etc/ld.so.cache", &p);
     }
     if s.writable_root {
+        // The sandbox's own copy of the root and /etc belong to the sandbox user; the host
+        // binds inside stay read-only mounts.
         chown(root, s.host_uid, s.host_gid)?;
+        chown(&etc, s.host_uid, s.host_gid)?;
+        for entry in fs::read_dir(&etc).map_err(io("list", &etc))? {
+            let p = entry.map_err(io("list", &etc))?.path();
+            chown(&p, s.host_uid, s.host_gid)?;
+        }
     }
     Ok(())
 }

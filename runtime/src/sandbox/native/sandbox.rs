@@ -281,6 +281,11 @@ impl NativeSandbox {
         &self.inner.root
     }
 
+    /// The host directory holding all of this sandbox's state (`<state_dir>/<id>`).
+    pub fn state_dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
     /// The cgroup directories of this sandbox (for diagnostics and leak checks).
     pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
         self.inner.cgroup.dirs()
