@@ -272,6 +272,30 @@ async fn half_a_core_gets_about_half_a_core() {
     );
 }
 
+/// A TCP server on the host's loopback that greets one client.
+fn greeter() -> (u16, std::thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let h = std::thread::spawn(move || {
+        if let Some(Ok(mut c)) = l.incoming().next() {
+            let _ = c.write_all(b"hello-from-host\n");
+        }
+    });
+    (port, h)
+}
+
+const CONNECT_PY: &str = r#"
+import os, socket, sys
+port = int(sys.argv[1])
+for t in sys.argv[2:]:
+    addr = os.environ.get(t, t)
+    try:
+        s = socket.create_connection((addr, port), timeout=2)
+        print(t, "connected", s.recv(64).decode().strip())
+    except Exception as e:
+        print(t, "failed", type(e).__name__)
+"#;
+
 #[tokio::test]
 async fn without_network_the_host_is_unreachable() {
     let env = env();
@@ -800,4 +824,28 @@ async fn probe_reports_cgroup_version_and_landlock() {
     assert!(info.details.contains("landlock ABI"), "{info:?}");
     let e = env.backend.enforcement();
     assert!(e.memory && e.cpu && e.pids && e.disk_io && e.network_io, "{e:?}");
+}
+
+/// Regression: the exit used to be lost when the program ended before anyone called
+/// `wait()` (a watch `send` with no subscriber drops the value), so `wait()` hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_after_the_program_already_exited_returns_its_exit() {
+    let env = env();
+    let sb = env
+        .backend
+        .create_native(spec(&["/bin/echo", "hi"]))
+        .await
+        .expect("create");
+    let mut io = sb.start().await.expect("start");
+    let mut first = [0u8; 1];
+    io.stdout.read_exact(&mut first).await.expect("read");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let exit = tokio::time::timeout(Duration::from_secs(5), sb.wait())
+        .await
+        .expect("wait must not hang")
+        .expect("wait");
+    assert!(exit.success(), "{exit:?}");
+    // And again, from another caller.
+    assert_eq!(sb.wait().await.expect("second wait"), exit);
+    sb.destroy().await.expect("destroy");
 }

@@ -372,17 +372,37 @@ impl SandboxCgroup {
         Ok(())
     }
 
-    /// The pids in the cgroup.
+    /// The pids in the cgroup, never the runtime's own (on v1 a runtime thread passes
+    /// through a sandbox's cgroups for an instant while it clones into them).
     pub fn pids(&self) -> Vec<i32> {
         let dir = match self.layout.version {
             CgroupVersion::V1 => self.dir("freezer"),
             CgroupVersion::V2 => self.dir(""),
         };
+        // SAFETY: getpid has no preconditions.
+        let me = unsafe { libc::getpid() };
         fs::read_to_string(dir.join("cgroup.procs"))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.trim().parse().ok())
+            .filter(|p| *p != me)
             .collect()
+    }
+
+    /// v1: the `tasks` files through which the *calling thread* joins this cgroup (writing
+    /// `0` to `tasks` moves only the caller and, unlike `cgroup.procs`, takes no global
+    /// lock, so a child cloned right after is born inside). Empty on v2, where
+    /// `CLONE_INTO_CGROUP` does the same.
+    pub fn thread_join_files(&self) -> Vec<PathBuf> {
+        match self.layout.version {
+            CgroupVersion::V1 => self.dirs.iter().map(|(_, d)| d.join("tasks")).collect(),
+            CgroupVersion::V2 => Vec::new(),
+        }
+    }
+
+    /// v2: the directory a child is cloned into with `CLONE_INTO_CGROUP`.
+    pub fn v2_dir(&self) -> Option<&Path> {
+        (self.layout.version == CgroupVersion::V2).then(|| self.dirs[0].1.as_path())
     }
 
     /// Freezes every process (v1 `freezer.state`, v2 `cgroup.freeze`) and waits until the
@@ -592,6 +612,37 @@ fn enable_v2_controllers(dir: &Path) -> Result<(), SandboxError> {
         return Ok(());
     }
     write(&f, &want)
+}
+
+/// v1: the `tasks` files of the calling thread's current cgroups in our controllers (to move
+/// it back after cloning into a sandbox's cgroups), from `/proc/thread-self/cgroup`.
+pub fn thread_home_files(layout: &CgroupLayout) -> Vec<PathBuf> {
+    if layout.version != CgroupVersion::V1 {
+        return Vec::new();
+    }
+    let text = fs::read_to_string("/proc/thread-self/cgroup").unwrap_or_default();
+    home_files_from(layout, &text)
+}
+
+/// Parses `/proc/<pid>/cgroup` text into the `tasks` files of each of our v1 controllers.
+pub fn home_files_from(layout: &CgroupLayout, text: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for c in V1_CONTROLLERS {
+        let path = text.lines().find_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let (_, ctrls, path) = (it.next()?, it.next()?, it.next()?);
+            ctrls.split(',').any(|x| x == c).then(|| path.to_string())
+        });
+        let rel = path.unwrap_or_else(|| "/".into());
+        out.push(
+            layout
+                .root
+                .join(c)
+                .join(rel.trim_start_matches('/'))
+                .join("tasks"),
+        );
+    }
+    out
 }
 
 /// The whole-disk block device backing `path` (a partition is mapped to its disk, since
@@ -855,6 +906,25 @@ mod tests {
         cg.remove(Duration::from_millis(50)).expect("remove");
         assert!(!cg.exists());
         cg.remove(Duration::from_millis(50)).expect("again");
+    }
+
+    #[test]
+    fn thread_home_files_follow_proc_cgroup() {
+        let t = v1_tree();
+        let layout = CgroupLayout::detect(t.path()).expect("layout");
+        let text = "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/abc\n2:cpu,cpuacct:/x\n0::/\n";
+        let files = home_files_from(&layout, text);
+        assert_eq!(files[0], t.path().join("memory/process_api/abc/tasks"));
+        assert_eq!(files[1], t.path().join("cpu/x/tasks"));
+        assert_eq!(files[2], t.path().join("cpuacct/x/tasks"));
+        assert_eq!(files[3], t.path().join("pids/tasks"));
+        assert_eq!(files[5], t.path().join("freezer/tasks"));
+        let cg = SandboxCgroup::new(&layout, "j");
+        assert_eq!(
+            cg.thread_join_files()[0],
+            t.path().join("memory/symbiont/j/tasks")
+        );
+        assert!(cg.v2_dir().is_none());
     }
 
     #[test]

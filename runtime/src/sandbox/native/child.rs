@@ -43,6 +43,8 @@ pub const FD_SYNC: c_int = 3;
 pub const FD_REPORT: c_int = 4;
 /// Reaper: the Landlock ruleset.
 pub const FD_LANDLOCK: c_int = 5;
+/// Reaper: the lifeline pipe's read end (EOF = the runtime is gone).
+pub const FD_LIFELINE: c_int = 6;
 /// Exec helper: the report pipe's write end.
 pub const EXEC_FD_REPORT: c_int = 3;
 /// Exec helper: the Landlock ruleset.
@@ -68,6 +70,51 @@ pub mod kind {
     pub const STARTED: u32 = 3;
     /// The program ended: `a` = raw wait status.
     pub const EXITED: u32 = 4;
+    /// A timing mark (only when requested): `a` = mark, `b` = CLOCK_MONOTONIC in µs
+    /// (wrapping at 2^31).
+    pub const TIMING: u32 = 5;
+}
+
+/// Timing marks reported when [`ReaperArgs::timing`] is set.
+pub mod mark {
+    /// Descriptors arranged, waiting for the parent.
+    pub const READY: i32 = 1;
+    /// The parent's go arrived.
+    pub const GO: i32 = 2;
+    /// Mount plan done (after pivot_root).
+    pub const MOUNTED: i32 = 3;
+    /// Hostname, loopback, cgroup namespace done; about to fork the program.
+    pub const FORKING: i32 = 4;
+    /// The program child is confined and about to execve.
+    pub const EXECVE: i32 = 5;
+    /// The reaper saw the exec succeed.
+    pub const EXECED: i32 = 6;
+
+    /// A name for a mark.
+    pub fn name(m: i32) -> &'static str {
+        match m {
+            READY => "child ready",
+            GO => "go received",
+            MOUNTED => "mounts done",
+            FORKING => "forking program",
+            EXECVE => "program confined, execve",
+            EXECED => "exec confirmed",
+            _ => "?",
+        }
+    }
+}
+
+/// CLOCK_MONOTONIC in µs, wrapped to 31 bits (for [`kind::TIMING`]).
+pub fn monotonic_us() -> i32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into `ts`; it is async-signal-safe.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ((ts.tv_sec as i64 * 1_000_000 + ts.tv_nsec as i64 / 1000) & 0x7fff_ffff) as i32
 }
 
 /// Setup stages named in [`kind::SETUP_ERROR`] records. Mount steps are `MOUNT_BASE + i`.
@@ -221,6 +268,12 @@ pub struct ReaperArgs {
     pub program: Program,
     /// Confinement.
     pub confine: Confine,
+    /// Report [`kind::TIMING`] marks.
+    pub timing: bool,
+    /// A stack for the program child, which shares the reaper's memory until it execs.
+    pub stack: *mut u8,
+    /// Its size.
+    pub stack_len: usize,
 }
 
 /// Everything the exec helper needs.
@@ -230,8 +283,6 @@ pub struct ExecArgs {
     pub fds: [(c_int, c_int); MAX_FDS],
     /// Used entries in `fds`.
     pub n_fds: usize,
-    /// Null-terminated list of `cgroup.procs` paths to join.
-    pub cgroup_procs: *const *const c_char,
     /// (child fd, CLONE_NEW* type) of each namespace to join, user namespace first.
     pub namespaces: [(c_int, c_int); MAX_NS],
     /// Used entries in `namespaces`.
@@ -259,16 +310,25 @@ struct CloneArgs {
     cgroup: u64,
 }
 
-/// `clone3` without a new stack (fork semantics) returning a pidfd. Returns the child's pid
+/// `clone3` without a new stack (fork semantics) returning a pidfd, optionally born into a
+/// cgroup v2 directory (`CLONE_INTO_CGROUP`). Returns the child's pid
 /// in the parent, 0 in the child, -1 on error (errno set).
 ///
 /// # Safety
 /// In the child only async-signal-safe code may run until `execve` or `_exit`.
-pub unsafe fn clone3_fork(flags: u64, pidfd: &mut c_int) -> c_long {
+pub unsafe fn clone3_fork(flags: u64, pidfd: &mut c_int, cgroup_fd: Option<c_int>) -> c_long {
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
     let args = CloneArgs {
-        flags: flags | libc::CLONE_PIDFD as u64,
+        flags: flags
+            | libc::CLONE_PIDFD as u64
+            | if cgroup_fd.is_some() {
+                CLONE_INTO_CGROUP
+            } else {
+                0
+            },
         pidfd: pidfd as *mut c_int as u64,
         exit_signal: libc::SIGCHLD as u64,
+        cgroup: cgroup_fd.unwrap_or(0) as u64,
         ..Default::default()
     };
     // SAFETY: the caller upholds the fork contract; args is a valid clone_args.
@@ -302,6 +362,13 @@ unsafe fn fail_to(fd: c_int, stage: i32) -> ! {
         let e = errno();
         report_to(fd, kind::SETUP_ERROR, stage, e);
         libc::_exit(1)
+    }
+}
+
+unsafe fn mark_to(fd: c_int, on: bool, m: i32) {
+    if on {
+        // SAFETY: raw write of a stack record.
+        unsafe { report_to(fd, kind::TIMING, m, monotonic_us()) }
     }
 }
 
@@ -387,7 +454,8 @@ unsafe fn unblock_all_signals() {
     }
 }
 
-/// Every signal back to its default disposition (the runtime ignores SIGPIPE, for one).
+/// Every signal back to its default disposition (the runtime ignores SIGPIPE, for one; the
+/// reaper handles SIGIO).
 unsafe fn reset_signal_dispositions() {
     // SAFETY: sigaction with a zeroed (SIG_DFL) action.
     unsafe {
@@ -399,6 +467,40 @@ unsafe fn reset_signal_dispositions() {
                 libc::sigaction(sig, &sa, std::ptr::null_mut());
             }
         }
+    }
+}
+
+extern "C" fn lifeline_signal(_sig: c_int) {
+    let mut b = 0u8;
+    // SAFETY: a non-blocking read and _exit are async-signal-safe.
+    unsafe {
+        if libc::read(FD_LIFELINE, &mut b as *mut u8 as *mut c_void, 1) == 0 {
+            // The runtime is gone: as PID 1, exiting takes the whole sandbox down.
+            libc::_exit(137);
+        }
+    }
+}
+
+/// Arms the lifeline: O_ASYNC delivery of SIGIO to us when the write end closes. Returns
+/// false when the runtime is already gone.
+unsafe fn arm_lifeline() -> bool {
+    // SAFETY: fcntl/sigaction/read on our own descriptor.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = lifeline_signal as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGIO, &sa, std::ptr::null_mut());
+        let fl = libc::fcntl(FD_LIFELINE, libc::F_GETFL);
+        if fl < 0
+            || libc::fcntl(FD_LIFELINE, libc::F_SETOWN, libc::getpid()) != 0
+            || libc::fcntl(FD_LIFELINE, libc::F_SETFL, fl | libc::O_ASYNC | libc::O_NONBLOCK) != 0
+        {
+            return false;
+        }
+        // It may have closed before O_ASYNC was set.
+        let mut b = 0u8;
+        libc::read(FD_LIFELINE, &mut b as *mut u8 as *mut c_void, 1) != 0
     }
 }
 
@@ -457,13 +559,16 @@ unsafe fn confine(c: &Confine) -> Result<(), i32> {
         {
             return Err(stage::AMBIENT);
         }
-        if libc::setgroups(0, std::ptr::null()) != 0 {
+        // Raw system calls: glibc's wrappers broadcast credential changes to every thread
+        // it believes exists (signalling the parent's stale thread list), which is neither
+        // needed nor async-signal-safe in a cloned child.
+        if libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<libc::gid_t>()) != 0 {
             return Err(stage::SETGROUPS);
         }
-        if libc::setresgid(c.gid, c.gid, c.gid) != 0 {
+        if libc::syscall(libc::SYS_setresgid, c.gid, c.gid, c.gid) != 0 {
             return Err(stage::SETGID);
         }
-        if libc::setresuid(c.uid, c.uid, c.uid) != 0 {
+        if libc::syscall(libc::SYS_setresuid, c.uid, c.uid, c.uid) != 0 {
             return Err(stage::SETUID);
         }
         let hdr = CapHeader {
@@ -522,30 +627,41 @@ unsafe fn write_oom_score_adj(p: &Program) -> bool {
     }
 }
 
-/// Confines and execs the program; never returns. `report_fd` receives errors.
-unsafe fn exec_program(p: &Program, c: &Confine, report_fd: c_int) -> ! {
-    // SAFETY: raw syscalls on prepared values, then execve or _exit.
+/// Confines and execs the program. Returns only on failure, having reported it on
+/// `report_fd`.
+unsafe fn exec_program(p: &Program, c: &Confine, report_fd: c_int, timing: bool, pdeathsig: bool) {
+    // SAFETY: raw syscalls on prepared values.
     unsafe {
         reset_signal_dispositions();
+        let fail = |stage: i32| {
+            let e = errno();
+            report_to(report_fd, kind::SETUP_ERROR, stage, e);
+        };
         if libc::setsid() < 0 {
-            fail_to(report_fd, stage::SETSID);
+            return fail(stage::SETSID);
         }
         if !write_oom_score_adj(p) {
-            fail_to(report_fd, stage::OOM_ADJ);
+            return fail(stage::OOM_ADJ);
         }
         if let Err(st) = confine(c) {
-            fail_to(report_fd, st);
+            return fail(st);
+        }
+        // After the uid change (which clears it): die with the exec helper.
+        if pdeathsig && libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as c_ulong, 0, 0, 0) != 0
+        {
+            return fail(stage::PDEATHSIG);
         }
         if libc::chdir(p.workdir) != 0 {
-            fail_to(report_fd, stage::CHDIR);
+            return fail(stage::CHDIR);
         }
-        // Everything but stdio closes on exec (the report pipe included: EOF = exec'd).
+        // Everything but stdio closes on exec (the report pipe included).
         libc::syscall(
             libc::SYS_close_range,
             3 as libc::c_uint,
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
         );
+        mark_to(report_fd, timing, mark::EXECVE);
         unblock_all_signals();
         let mut err = libc::ENOENT;
         let mut i = 0;
@@ -562,6 +678,24 @@ unsafe fn exec_program(p: &Program, c: &Confine, report_fd: c_int) -> ! {
             i += 1;
         }
         report_to(report_fd, kind::EXEC_ERROR, err, 0);
+    }
+}
+
+/// Shared between the reaper and its program child (which runs on its own stack in the
+/// reaper's memory until it execs).
+struct ProgramCtx {
+    args: *const ReaperArgs,
+    failed: c_int,
+}
+
+extern "C" fn program_entry(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the reaper's ProgramCtx; the reaper is suspended (CLONE_VFORK) until
+    // we exec or exit, so nothing else touches it.
+    unsafe {
+        let ctx = arg as *mut ProgramCtx;
+        let a = &*(*ctx).args;
+        exec_program(&a.program, &a.confine, FD_REPORT, a.timing, false);
+        std::ptr::write_volatile(&mut (*ctx).failed, 1);
         libc::_exit(127)
     }
 }
@@ -603,11 +737,14 @@ unsafe fn pivot(new_root: *const c_char) -> bool {
 pub unsafe fn reaper_main(a: &ReaperArgs) -> ! {
     // SAFETY: the whole function is raw syscalls on prepared data.
     unsafe {
-        // Die with the runtime (the spawner thread that cloned us lives as long as it).
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as c_ulong, 0, 0, 0);
         if !arrange_fds(&a.fds[..a.n_fds]) {
             libc::_exit(2);
         }
+        // Die with the runtime: SIGIO arrives when the lifeline's write end closes.
+        if !arm_lifeline() {
+            libc::_exit(3);
+        }
+        mark_to(FD_REPORT, a.timing, mark::READY);
         let mut go = 0u8;
         loop {
             let n = libc::read(FD_SYNC, &mut go as *mut u8 as *mut c_void, 1);
@@ -621,6 +758,7 @@ pub unsafe fn reaper_main(a: &ReaperArgs) -> ! {
             libc::_exit(3);
         }
         libc::close(FD_SYNC);
+        mark_to(FD_REPORT, a.timing, mark::GO);
         // The uid map is written now: become root of the user namespace proper (our kuid
         // was still the host's root) only after the binds, which need owner access to the
         // runtime's state directory.
@@ -635,6 +773,7 @@ pub unsafe fn reaper_main(a: &ReaperArgs) -> ! {
                 fail_to(FD_REPORT, stage::MOUNT_BASE + i as i32);
             }
         }
+        mark_to(FD_REPORT, a.timing, mark::MOUNTED);
         if libc::sethostname(a.hostname, a.hostname_len) != 0 {
             fail_to(FD_REPORT, stage::HOSTNAME);
         }
@@ -648,30 +787,31 @@ pub unsafe fn reaper_main(a: &ReaperArgs) -> ! {
         if devnull < 0 {
             fail_to(FD_REPORT, stage::DEVNULL);
         }
-        let mut exec_pipe = [-1 as c_int; 2];
-        if libc::pipe2(exec_pipe.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-            fail_to(FD_REPORT, stage::PIPE);
-        }
+        mark_to(FD_REPORT, a.timing, mark::FORKING);
         block_all_signals();
-        let pid = fork_raw();
+        // vfork-style: the child borrows our memory (no page-table copy) on its own stack
+        // and we sleep until it has exec'd or died.
+        let mut ctx = ProgramCtx {
+            args: a as *const ReaperArgs,
+            failed: 0,
+        };
+        let top = ((a.stack as usize + a.stack_len) & !15usize) as *mut c_void;
+        let pid = libc::clone(
+            program_entry,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            &mut ctx as *mut ProgramCtx as *mut c_void,
+        );
         if pid < 0 {
             fail_to(FD_REPORT, stage::FORK);
         }
-        if pid == 0 {
-            libc::close(exec_pipe[0]);
-            libc::close(devnull);
-            // On failure exec_program reports on FD_REPORT; the exec pipe closes either way
-            // (CLOEXEC on success, _exit on failure).
-            exec_program(&a.program, &a.confine, FD_REPORT);
+        if std::ptr::read_volatile(&ctx.failed) != 0 {
+            // The child reported why; reap it and leave.
+            let mut st: c_int = 0;
+            libc::waitpid(pid, &mut st, 0);
+            libc::_exit(1);
         }
-        let pid = pid as c_int;
-        libc::close(exec_pipe[1]);
-        // Wait until the child has exec'd (EOF) or died trying.
-        let mut b = 0u8;
-        while libc::read(exec_pipe[0], &mut b as *mut u8 as *mut c_void, 1) < 0
-            && errno() == libc::EINTR
-        {}
-        libc::close(exec_pipe[0]);
+        mark_to(FD_REPORT, a.timing, mark::EXECED);
         PROGRAM_PID.store(pid, Ordering::SeqCst);
         install_forwarders();
         unblock_all_signals();
@@ -684,8 +824,6 @@ pub unsafe fn reaper_main(a: &ReaperArgs) -> ! {
             fail_to(FD_REPORT, st);
         }
         libc::prctl(libc::PR_SET_DUMPABLE, 0 as c_ulong, 0, 0, 0);
-        // setresuid cleared the parent-death signal; set it again.
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as c_ulong, 0, 0, 0);
         report_to(FD_REPORT, kind::STARTED, pid, 0);
         loop {
             let mut status: c_int = 0;
@@ -715,19 +853,6 @@ pub unsafe fn exec_main(a: &ExecArgs) -> ! {
         if !arrange_fds(&a.fds[..a.n_fds]) {
             libc::_exit(2);
         }
-        let mut i = 0;
-        loop {
-            let path = *a.cgroup_procs.add(i);
-            if path.is_null() {
-                break;
-            }
-            let fd = libc::open(path, libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 || libc::write(fd, c"0".as_ptr() as *const c_void, 1) != 1 {
-                fail_to(EXEC_FD_REPORT, stage::CGROUP_JOIN);
-            }
-            libc::close(fd);
-            i += 1;
-        }
         for (i, (fd, nstype)) in a.namespaces[..a.n_namespaces].iter().enumerate() {
             if libc::setns(*fd, *nstype) != 0 {
                 fail_to(EXEC_FD_REPORT, stage::SETNS + i as i32);
@@ -741,46 +866,7 @@ pub unsafe fn exec_main(a: &ExecArgs) -> ! {
         }
         if pid == 0 {
             // In the sandbox's PID namespace now.
-            let c = a.confine;
-            reset_signal_dispositions();
-            if libc::setsid() < 0 {
-                fail_to(EXEC_FD_REPORT, stage::SETSID);
-            }
-            if !write_oom_score_adj(&a.program) {
-                fail_to(EXEC_FD_REPORT, stage::OOM_ADJ);
-            }
-            if let Err(st) = confine(&c) {
-                fail_to(EXEC_FD_REPORT, st);
-            }
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as c_ulong, 0, 0, 0) != 0 {
-                fail_to(EXEC_FD_REPORT, stage::PDEATHSIG);
-            }
-            // The rest is exec_program without repeating the steps done above.
-            if libc::chdir(a.program.workdir) != 0 {
-                fail_to(EXEC_FD_REPORT, stage::CHDIR);
-            }
-            libc::syscall(
-                libc::SYS_close_range,
-                3 as libc::c_uint,
-                libc::c_uint::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            );
-            unblock_all_signals();
-            let mut err = libc::ENOENT;
-            let mut j = 0;
-            loop {
-                let cand = *a.program.candidates.add(j);
-                if cand.is_null() {
-                    break;
-                }
-                libc::execve(cand, a.program.argv, a.program.envp);
-                let e = errno();
-                if e != libc::ENOENT && e != libc::ENOTDIR {
-                    err = e;
-                }
-                j += 1;
-            }
-            report_to(EXEC_FD_REPORT, kind::EXEC_ERROR, err, 0);
+            exec_program(&a.program, &a.confine, EXEC_FD_REPORT, false, true);
             libc::_exit(127);
         }
         let pid = pid as c_int;

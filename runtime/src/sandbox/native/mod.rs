@@ -18,8 +18,11 @@
 //! capabilities. Root of the sandbox is therefore never host root.
 //!
 //! # Process model
-//! All clones happen on one long-lived *spawner* thread, so the children's parent-death
-//! signal (SIGKILL) fires only when the runtime process itself dies.
+//! The sandbox's PID 1 is cloned directly from the calling thread (a fork-like `clone3`
+//! with the new namespaces, born inside the sandbox's cgroups). It holds the read end of a
+//! *lifeline* pipe whose write end only the runtime holds: when the runtime process dies
+//! (or drops the sandbox), the pipe closes, the kernel sends PID 1 `SIGIO`, and it exits —
+//! which makes the kernel kill everything else in the sandbox.
 
 pub mod cgroup;
 pub mod child;
@@ -31,8 +34,7 @@ pub mod seccomp;
 use std::ffi::CString;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -396,41 +398,7 @@ impl SandboxBackend for NativeBackend {
     }
 }
 
-// ---- the spawner thread -----------------------------------------------------------------
-
-type Job = Box<dyn FnOnce() + Send>;
-
-static SPAWNER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
-
-/// Runs `f` on the long-lived spawner thread and returns its result.
-pub(crate) async fn on_spawner<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, SandboxError> {
-    let tx = SPAWNER.get_or_init(|| {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let spawned = std::thread::Builder::new()
-            .name("symbiont-native-spawner".into())
-            .spawn(move || {
-                for job in rx {
-                    job();
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the native sandbox spawner thread");
-        }
-        Mutex::new(tx)
-    });
-    let (rtx, rrx) = tokio::sync::oneshot::channel();
-    let job: Job = Box::new(move || {
-        let _ = rtx.send(f());
-    });
-    tx.lock()
-        .map_err(|_| SandboxError::op("spawn", "spawner lock poisoned"))?
-        .send(job)
-        .map_err(|_| SandboxError::op("spawn", "spawner thread is gone"))?;
-    rrx.await
-        .map_err(|_| SandboxError::op("spawn", "spawner dropped the job"))
-}
+// ---- cloning -----------------------------------------------------------------------------
 
 /// A freshly cloned child: its pid and pidfd.
 #[derive(Debug)]
@@ -551,6 +519,76 @@ pub(crate) struct OwnedMount {
     pub pivot: bool,
 }
 
+/// How a cloned child gets into its sandbox's cgroups without a (slow, globally locked)
+/// migration: v1 moves the calling thread into them for the instant of the clone; v2 clones
+/// straight into the directory.
+#[derive(Debug, Clone)]
+pub(crate) enum CgroupEntry {
+    /// v1: `tasks` files to join, and the calling thread's own to return to.
+    V1 { join: Vec<PathBuf>, home: Vec<PathBuf> },
+    /// v2: the directory for `CLONE_INTO_CGROUP`.
+    V2 { dir: PathBuf },
+}
+
+impl CgroupEntry {
+    pub(crate) fn for_cgroup(cg: &cgroup::SandboxCgroup, layout: &cgroup::CgroupLayout) -> Self {
+        match cg.v2_dir() {
+            Some(d) => CgroupEntry::V2 {
+                dir: d.to_path_buf(),
+            },
+            None => CgroupEntry::V1 {
+                join: cg.thread_join_files(),
+                home: cgroup::thread_home_files(layout),
+            },
+        }
+    }
+
+    /// Runs `clone` with the child born in the cgroup; returns its result.
+    fn clone_into(
+        &self,
+        clone: impl FnOnce(Option<libc::c_int>) -> Result<Cloned, SandboxError>,
+    ) -> Result<Cloned, SandboxError> {
+        match self {
+            CgroupEntry::V2 { dir } => {
+                let d = std::fs::File::open(dir).map_err(|e| {
+                    SandboxError::op("cgroup", format!("{}: {e}", dir.display()))
+                })?;
+                use std::os::fd::AsRawFd;
+                clone(Some(d.as_raw_fd()))
+            }
+            CgroupEntry::V1 { join, home } => {
+                let t0 = std::time::Instant::now();
+                let mut joined = Ok(());
+                for f in join {
+                    if let Err(e) = std::fs::write(f, "0") {
+                        joined = Err(SandboxError::op(
+                            "cgroup join",
+                            format!("{}: {e}", f.display()),
+                        ));
+                        break;
+                    }
+                }
+                let t1 = std::time::Instant::now();
+                let r = joined.and_then(|()| clone(None));
+                let t2 = std::time::Instant::now();
+                // Always go home, whatever happened.
+                for f in home {
+                    if let Err(e) = std::fs::write(f, "0") {
+                        tracing::error!(file = %f.display(), error = %e, "the cloning thread could not leave a sandbox cgroup");
+                    }
+                }
+                tracing::trace!(
+                    join_us = (t1 - t0).as_micros() as u64,
+                    clone_us = (t2 - t1).as_micros() as u64,
+                    home_us = t2.elapsed().as_micros() as u64,
+                    "cloned into the sandbox cgroups"
+                );
+                r
+            }
+        }
+    }
+}
+
 /// Everything the reaper needs, owned (Send) until the spawner turns it into pointers.
 #[derive(Debug)]
 pub(crate) struct ReaperJob {
@@ -562,6 +600,8 @@ pub(crate) struct ReaperJob {
     pub hostname: CString,
     pub program: OwnedProgram,
     pub confine: OwnedConfine,
+    pub timing: bool,
+    pub cgroup: CgroupEntry,
 }
 
 /// Everything the exec helper needs.
@@ -569,7 +609,7 @@ pub(crate) struct ReaperJob {
 pub(crate) struct ExecJob {
     pub fds: Vec<(RawFd, libc::c_int)>,
     pub keep: Vec<OwnedFd>,
-    pub cgroup_procs: Vec<CString>,
+    pub cgroup: CgroupEntry,
     /// (child fd, CLONE_NEW* type).
     pub namespaces: Vec<(libc::c_int, libc::c_int)>,
     pub program: OwnedProgram,
@@ -599,8 +639,11 @@ pub(crate) const SANDBOX_NAMESPACES: u64 = (libc::CLONE_NEWUSER
     | libc::CLONE_NEWIPC
     | libc::CLONE_NEWUTS) as u64;
 
+/// Stack of the program child between its vfork-style clone and exec.
+const PROGRAM_STACK: usize = 256 * 1024;
+
 impl ReaperJob {
-    /// Clones the reaper (runs on the spawner thread).
+    /// Clones the reaper (synchronously, on the calling thread).
     pub(crate) fn spawn(self) -> Result<Cloned, SandboxError> {
         let mounts: Vec<child::RawMount> = self
             .mounts
@@ -615,6 +658,7 @@ impl ReaperJob {
             .collect();
         let ptrs = self.program.ptrs();
         let (fds, n_fds) = fd_table(&self.fds)?;
+        let mut stack = vec![0u8; PROGRAM_STACK];
         let args = child::ReaperArgs {
             fds,
             n_fds,
@@ -624,27 +668,34 @@ impl ReaperJob {
             hostname_len: self.hostname.as_bytes().len(),
             program: self.program.raw(&ptrs),
             confine: self.confine.raw()?,
+            timing: self.timing,
+            stack: stack.as_mut_ptr(),
+            stack_len: stack.len(),
         };
-        let mut pidfd: libc::c_int = -1;
-        // SAFETY: fork-like clone; the child only runs reaper_main (async-signal-safe, raw
-        // syscalls on `args`, whose pointers target data alive in both address spaces).
-        let r = unsafe { child::clone3_fork(SANDBOX_NAMESPACES, &mut pidfd) };
-        if r == 0 {
-            // SAFETY: we are the child.
-            unsafe { child::reaper_main(&args) }
-        }
+        let r = self.cgroup.clone_into(|cgroup_fd| {
+            let mut pidfd: libc::c_int = -1;
+            // SAFETY: fork-like clone; the child only runs reaper_main (async-signal-safe,
+            // raw syscalls on `args`, whose pointers target data alive in both address
+            // spaces).
+            let r = unsafe { child::clone3_fork(SANDBOX_NAMESPACES, &mut pidfd, cgroup_fd) };
+            if r == 0 {
+                // SAFETY: we are the child.
+                unsafe { child::reaper_main(&args) }
+            }
+            finish_clone(r, pidfd)
+        });
         drop(self.keep);
-        finish_clone(r, pidfd)
+        drop(stack);
+        r
     }
 }
 
 impl ExecJob {
-    /// Clones the exec helper (runs on the spawner thread).
+    /// Clones the exec helper (synchronously, on the calling thread).
     pub(crate) fn spawn(self) -> Result<Cloned, SandboxError> {
         if self.namespaces.len() > child::MAX_NS {
             return Err(SandboxError::op("exec", "too many namespaces"));
         }
-        let procs = null_terminated(&self.cgroup_procs);
         let ptrs = self.program.ptrs();
         let (fds, n_fds) = fd_table(&self.fds)?;
         let mut namespaces = [(-1, 0); child::MAX_NS];
@@ -652,21 +703,23 @@ impl ExecJob {
         let args = child::ExecArgs {
             fds,
             n_fds,
-            cgroup_procs: procs.as_ptr(),
             namespaces,
             n_namespaces: self.namespaces.len(),
             program: self.program.raw(&ptrs),
             confine: self.confine.raw()?,
         };
-        let mut pidfd: libc::c_int = -1;
-        // SAFETY: fork-like clone; the child only runs exec_main on prepared data.
-        let r = unsafe { child::clone3_fork(0, &mut pidfd) };
-        if r == 0 {
-            // SAFETY: we are the child.
-            unsafe { child::exec_main(&args) }
-        }
+        let r = self.cgroup.clone_into(|cgroup_fd| {
+            let mut pidfd: libc::c_int = -1;
+            // SAFETY: fork-like clone; the child only runs exec_main on prepared data.
+            let r = unsafe { child::clone3_fork(0, &mut pidfd, cgroup_fd) };
+            if r == 0 {
+                // SAFETY: we are the child.
+                unsafe { child::exec_main(&args) }
+            }
+            finish_clone(r, pidfd)
+        });
         drop(self.keep);
-        finish_clone(r, pidfd)
+        r
     }
 }
 

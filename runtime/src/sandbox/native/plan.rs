@@ -14,7 +14,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use crate::sandbox::{SandboxError, SandboxFile, SandboxSpec, WORKSPACE_DIR};
 
@@ -234,9 +234,13 @@ pub fn mount_plan(i: &MountInputs<'_>) -> Vec<MountStep> {
 
 /// Checks a workspace-relative path: relative, only normal components, no NUL.
 pub fn check_relative(path: &Path) -> Result<(), SandboxError> {
-    let ok = !path.as_os_str().is_empty()
-        && !path.as_os_str().as_bytes().contains(&0)
-        && path.components().all(|c| matches!(c, Component::Normal(_)));
+    let raw = path.as_os_str().as_bytes();
+    // Checked on the raw bytes: `Path::components` silently drops interior `.`.
+    let ok = !raw.is_empty()
+        && !raw.contains(&0)
+        && raw
+            .split(|b| *b == b'/')
+            .all(|seg| !seg.is_empty() && seg != b"." && seg != b"..");
     if ok {
         Ok(())
     } else {
@@ -249,11 +253,12 @@ pub fn check_relative(path: &Path) -> Result<(), SandboxError> {
 
 /// Checks the working directory: absolute, normalized, no NUL.
 pub fn check_workdir(path: &Path) -> Result<(), SandboxError> {
-    let ok = path.is_absolute()
-        && !path.as_os_str().as_bytes().contains(&0)
-        && path
-            .components()
-            .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+    let raw = path.as_os_str().as_bytes();
+    let ok = raw.first() == Some(&b'/')
+        && !raw.contains(&0)
+        && raw[1..]
+            .split(|b| *b == b'/')
+            .all(|seg| seg != b"." && seg != b"..");
     if ok {
         Ok(())
     } else {
@@ -655,7 +660,7 @@ mod tests {
 
     #[test]
     fn path_safety_rejects_escapes() {
-        for bad in ["../x", "/etc/passwd", "a/../../b", "", "./a", "a/./b"] {
+        for bad in ["../x", "/etc/passwd", "a/../../b", "", "./a", "a/./b", "a//b", "a/"] {
             assert!(check_relative(Path::new(bad)).is_err(), "{bad}");
         }
         for good in ["a", "a/b/c.txt", "run.sh"] {

@@ -23,7 +23,9 @@ use super::cgroup::{CgroupLimits, SandboxCgroup};
 use super::child::{self, kind, Report, REPORT_LEN};
 use super::net::{self, NetAttachment};
 use super::plan::{self, MountStep};
-use super::{ExecJob, NativeBackend, OwnedConfine, OwnedMount, OwnedProgram, ReaperJob};
+use super::{
+    CgroupEntry, ExecJob, NativeBackend, OwnedConfine, OwnedMount, OwnedProgram, ReaperJob,
+};
 use crate::sandbox::{
     ExecOutput, ExitReason, SandboxError, SandboxExit, SandboxSpec, SandboxStats,
     SandboxStdio,
@@ -66,6 +68,8 @@ struct Inner {
     net: AsyncMutex<Option<NetAttachment>>,
     env: parking_lot::Mutex<Vec<String>>,
     exit_tx: watch::Sender<Option<SandboxExit>>,
+    /// Write end of the reaper's lifeline; dropping it ends the sandbox.
+    lifeline: parking_lot::Mutex<Option<OwnedFd>>,
     killed: AtomicBool,
     timed_out: AtomicBool,
     started_at: parking_lot::Mutex<Option<Instant>>,
@@ -236,20 +240,16 @@ impl NativeSandbox {
         let limits = spec.limits.clone();
         let env = plan::environment(&spec, None)?;
         let (exit_tx, _) = watch::channel(None);
-        let b2 = backend.clone();
-        let spec2 = spec.clone();
-        let (root2, dir2, cg2) = (root.clone(), dir.clone(), cgroup.clone());
-        // Filesystem and cgroupfs work is blocking.
-        let landlock = tokio::task::spawn_blocking(move || -> Result<Option<OwnedFd>, SandboxError> {
-            let r = prepare_host(&b2, &spec2, &root2, &cg2);
-            if r.is_err() {
-                let _ = cg2.remove(Duration::from_millis(500));
-                let _ = std::fs::remove_dir_all(&dir2);
+        // About 2 ms of filesystem and cgroupfs work, done inline: a hop to the blocking
+        // pool costs more than that on a busy host, and start latency is what matters.
+        let landlock = match prepare_host(&backend, &spec, &root, &cgroup) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = cgroup.remove(Duration::from_millis(500));
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
             }
-            r
-        })
-        .await
-        .map_err(|e| SandboxError::op("create", e))??;
+        };
         tracing::debug!(sandbox = %id, "native sandbox created");
         Ok(Self {
             inner: Arc::new(Inner {
@@ -269,6 +269,7 @@ impl NativeSandbox {
                 net: AsyncMutex::new(None),
                 env: parking_lot::Mutex::new(env),
                 exit_tx,
+                lifeline: parking_lot::Mutex::new(None),
                 killed: AtomicBool::new(false),
                 timed_out: AtomicBool::new(false),
                 started_at: parking_lot::Mutex::new(None),
@@ -308,6 +309,7 @@ fn prepare_host(
     root: &Path,
     cgroup: &SandboxCgroup,
 ) -> Result<Option<OwnedFd>, SandboxError> {
+    let t0 = Instant::now();
     let n = &b.config.native;
     let host_uid = n.uid_base + n.sandbox_uid;
     let host_gid = n.uid_base + n.sandbox_gid;
@@ -321,8 +323,15 @@ fn prepare_host(
         writable_root,
         etc: plan::etc_files("symbiont", n.sandbox_uid, n.sandbox_gid, None),
     })?;
+    let t1 = Instant::now();
     plan::place_files(&root.join("workspace"), &spec.files, host_uid, host_gid)?;
     cgroup.create(&cgroup_limits(b, &spec.limits))?;
+    let t2 = Instant::now();
+    tracing::trace!(
+        skeleton_us = (t1 - t0).as_micros() as u64,
+        cgroup_us = (t2 - t1).as_micros() as u64,
+        "prepared host side"
+    );
     if writable_root {
         return Ok(None);
     }
@@ -460,6 +469,7 @@ impl Inner {
 
     /// Removes cgroups, network and files. Processes must be dead.
     async fn release(self: &Arc<Self>) -> Result<(), SandboxError> {
+        self.lifeline.lock().take();
         if let Some(mut n) = self.net.lock().await.take() {
             n.detach().await;
         }
@@ -558,7 +568,8 @@ impl Inner {
                 tracing::warn!(sandbox = %self.id, error = %e, "release after timeout");
             }
         }
-        let _ = self.exit_tx.send(Some(exit));
+        // send_replace stores the value even when nobody is subscribed yet.
+        self.exit_tx.send_replace(Some(exit));
     }
 
     fn running_reaper(&self) -> Result<(i32, Arc<OwnedFd>), SandboxError> {
@@ -637,6 +648,7 @@ impl crate::sandbox::Sandbox for NativeSandbox {
         let (stderr_r, stderr_w) = pipe_pair()?;
         let (sync_r, sync_w) = pipe_pair()?;
         let (report_r, report_w) = pipe_pair()?;
+        let (lifeline_r, lifeline_w) = pipe_pair()?;
         let landlock_raw: RawFd = inner.landlock.as_ref().map_or(-1, |f| f.as_raw_fd());
         let job = ReaperJob {
             fds: vec![
@@ -646,25 +658,38 @@ impl crate::sandbox::Sandbox for NativeSandbox {
                 (sync_r.as_raw_fd(), child::FD_SYNC),
                 (report_w.as_raw_fd(), child::FD_REPORT),
                 (landlock_raw, child::FD_LANDLOCK),
+                (lifeline_r.as_raw_fd(), child::FD_LIFELINE),
             ],
-            keep: vec![stdin_r, stdout_w, stderr_w, sync_r, report_w],
+            keep: vec![stdin_r, stdout_w, stderr_w, sync_r, report_w, lifeline_r],
             mounts: inner.mounts()?,
             hostname: plan::cstrings(&["symbiont"], "hostname")?.remove(0),
             program: inner.owned_program(&inner.spec.argv)?,
             confine: inner.owned_confine(child::FD_LANDLOCK),
+            timing: tracing::enabled!(tracing::Level::TRACE),
+            cgroup: CgroupEntry::for_cgroup(&inner.cgroup, &inner.backend.host.layout),
+        };
+        let timing = job.timing;
+        let mut marks: Vec<(&'static str, i32)> = Vec::new();
+        let base_us = child::monotonic_us();
+        let mark = |name: &'static str, marks: &mut Vec<(&'static str, i32)>| {
+            if timing {
+                marks.push((name, child::monotonic_us()));
+            }
         };
         let started = Instant::now();
         // The Landlock descriptor must stay open until the clone: `inner` holds it.
-        let cloned = super::on_spawner(move || job.spawn()).await??;
+        let cloned = job.spawn()?;
+        *inner.lifeline.lock() = Some(lifeline_w);
         let pid = cloned.pid;
         let pidfd = Arc::new(cloned.pidfd);
+        mark("cloned", &mut marks);
         guard.pidfd = Some(pidfd.clone());
         inner.state.lock().reaper = Some(Reaper {
             pid,
             pidfd: pidfd.clone(),
         });
         inner.write_id_maps(pid)?;
-        inner.cgroup.attach(pid as u32)?;
+        mark("id maps written", &mut marks);
         if inner.spec.has_capability(&Capability::Network) {
             let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
                 .map_err(|e| SandboxError::op("network setup", e))?;
@@ -683,15 +708,34 @@ impl crate::sandbox::Sandbox for NativeSandbox {
             f.write_all(b"g")
                 .map_err(|e| SandboxError::op("start", format!("releasing the child: {e}")))?;
         }
+        mark("go sent", &mut marks);
         let timeout = inner.backend.config.native.start_timeout;
-        let first = tokio::time::timeout(timeout, read_report(&mut report))
-            .await
-            .map_err(|_| {
-                SandboxError::op(
-                    "start",
-                    format!("the sandbox did not start within {timeout:?}"),
-                )
-            })?;
+        let first = tokio::time::timeout(timeout, async {
+            loop {
+                match read_report(&mut report).await {
+                    Some(r) if r.kind == kind::TIMING => {
+                        marks.push((child::mark::name(r.a), r.b));
+                    }
+                    other => break other,
+                }
+            }
+        })
+        .await
+        .map_err(|_| {
+            SandboxError::op(
+                "start",
+                format!("the sandbox did not start within {timeout:?}"),
+            )
+        })?;
+        if timing {
+            marks.push(("started", child::monotonic_us()));
+            let line = marks
+                .iter()
+                .map(|(n, t)| format!("{n} +{}us", (t - base_us) & 0x7fff_ffff))
+                .collect::<Vec<_>>()
+                .join(", ");
+            tracing::trace!(sandbox = %inner.id, "start timings: {line}");
+        }
         match first {
             Some(r) if r.kind == kind::STARTED => {}
             Some(r) if r.kind == kind::SETUP_ERROR => {
@@ -767,21 +811,22 @@ impl crate::sandbox::Sandbox for NativeSandbox {
         }
         let mut keep = vec![stdin_r, stdout_w, stderr_w, report_w];
         keep.extend(ns_fds);
-        let procs: Vec<String> = inner
-            .cgroup
-            .procs_files()
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
+        if inner.cgroup.is_frozen() {
+            // The cloning thread would freeze while passing through the cgroup.
+            return Err(SandboxError::InvalidState {
+                id: inner.id.clone(),
+                message: "paused: resume before exec".into(),
+            });
+        }
         let job = ExecJob {
             fds,
             keep,
-            cgroup_procs: plan::cstrings(&procs, "cgroup path")?,
+            cgroup: CgroupEntry::for_cgroup(&inner.cgroup, &inner.backend.host.layout),
             namespaces,
             program: inner.owned_program(argv)?,
             confine: inner.owned_confine(child::EXEC_FD_LANDLOCK),
         };
-        let cloned = super::on_spawner(move || job.spawn()).await??;
+        let cloned = job.spawn()?;
         let helper = Arc::new(cloned.pidfd);
         let mut report = pipe::Receiver::from_owned_fd(report_r)?;
         let mut out = pipe::Receiver::from_owned_fd(stdout_r)?;
@@ -1004,6 +1049,7 @@ impl Drop for NativeSandbox {
         }
         // Best effort, synchronously: nothing may outlive its handle.
         inner.kill_now();
+        inner.lifeline.lock().take();
         if inner.cgroup.exists() {
             let _ = inner.cgroup.kill_all();
             let _ = inner.cgroup.remove(Duration::from_secs(2));
