@@ -158,9 +158,16 @@ fn assert_gone(id: &str, reaper: Option<i32>, veth: Option<&str>, root: &Path) {
 #[tokio::test]
 async fn stdin_reaches_the_program() {
     let env = env();
-    let sb = env.backend.create_native(spec(&["/bin/cat"])).await.expect("create");
+    let sb = env
+        .backend
+        .create_native(spec(&["/bin/cat"]))
+        .await
+        .expect("create");
     let mut io = sb.start().await.expect("start");
-    io.stdin.write_all(b"ping over stdin\n").await.expect("write");
+    io.stdin
+        .write_all(b"ping over stdin\n")
+        .await
+        .expect("write");
     io.stdin.shutdown().await.expect("close");
     drop(io.stdin);
     let mut out = String::new();
@@ -204,7 +211,8 @@ async fn memory_hog_is_reported_as_out_of_memory() {
 async fn fork_bomb_is_contained_and_the_host_stays_responsive() {
     let _heavy = HEAVY.lock().await;
     let env = env(); // pids_limit = 64
-    let mut s = sh("bomb() { bomb | bomb & }; bomb; sleep 30");
+                     // `exec`, not a fork: the shell must outlive the bomb even when no pid is left.
+    let mut s = sh("bomb() { bomb | bomb & }; bomb; exec sleep 30");
     s.timeout = Some(Duration::from_secs(4));
     let t0 = Instant::now();
     let sb = env.backend.create_native(s).await.expect("create");
@@ -226,7 +234,11 @@ async fn fork_bomb_is_contained_and_the_host_stays_responsive() {
     );
     let exit = sb.wait().await.expect("wait");
     assert_eq!(exit.reason, ExitReason::Timeout);
-    assert!(t0.elapsed() < Duration::from_secs(20), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t0.elapsed()
+    );
     for d in cgroup_dirs(&id) {
         assert!(!d.exists(), "cgroup {} left", d.display());
     }
@@ -380,7 +392,7 @@ async fn host_secrets_are_never_readable() {
     let state = env.backend.config().state_dir.clone();
     let script = format!(
         "cat /etc/shadow 2>&1; cat {key} 2>&1; ls {state} 2>&1; cat /proc/1/environ 2>&1; \
-         grep -c . /etc/passwd",
+         echo; tr '\\0' ' ' < /proc/1/cmdline; echo; grep -c . /etc/passwd",
         key = key.display(),
         state = state.display()
     );
@@ -397,6 +409,9 @@ async fn host_secrets_are_never_readable() {
         .expect("ls line");
     assert!(state_line.contains("No such file"), "{out}");
     assert!(out.contains("/proc/1/environ: Permission denied"), "{out}");
+    // PID 1 is a copy of the runtime process; its command line is scrubbed.
+    assert!(out.contains("symbiont-init"), "{out}");
+    assert!(!out.contains("sandbox_native"), "{out}");
     // The generated passwd has exactly root and agent.
     assert!(out.trim_end().ends_with('2'), "{out}");
 }
@@ -455,8 +470,10 @@ async fn the_program_is_not_host_root_and_holds_no_capabilities() {
     let env = env();
     let (exit, out, err) = run(
         &env,
-        sh("grep -E '^(Uid|Gid|CapInh|CapPrm|CapEff|CapBnd|CapAmb):' /proc/self/status; \
-            cat /proc/self/uid_map; id -un"),
+        sh(
+            "grep -E '^(Uid|Gid|CapInh|CapPrm|CapEff|CapBnd|CapAmb):' /proc/self/status; \
+            cat /proc/self/uid_map; id -un",
+        ),
     )
     .await;
     assert!(exit.success(), "{exit:?} {err}");
@@ -497,7 +514,9 @@ async fn timeout_kills_and_leaves_nothing_behind() {
     assert!(t0.elapsed() < Duration::from_secs(10));
     // Gone already, before destroy.
     assert_gone(&id, reaper, None, sb.state_dir());
-    sb.destroy().await.expect("destroy is idempotent after a timeout");
+    sb.destroy()
+        .await
+        .expect("destroy is idempotent after a timeout");
 }
 
 #[tokio::test]
@@ -537,13 +556,21 @@ async fn stop_escalates_to_sigkill_after_the_grace_period() {
     let t0 = Instant::now();
     let exit = sb.stop(Duration::from_millis(500)).await.expect("stop");
     assert_eq!(exit.reason, ExitReason::Killed);
-    assert!(t0.elapsed() >= Duration::from_millis(450), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(450),
+        "{:?}",
+        t0.elapsed()
+    );
     let id = sb.id().to_string();
     sb.destroy().await.expect("destroy");
     assert_gone(&id, reaper, None, sb.state_dir());
 
     // A program that honours SIGTERM ends within the grace period.
-    let sb = env.backend.create_native(sh("sleep 1000")).await.expect("create");
+    let sb = env
+        .backend
+        .create_native(sh("sleep 1000"))
+        .await
+        .expect("create");
     let _io = sb.start().await.expect("start");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t0 = Instant::now();
@@ -620,7 +647,10 @@ async fn exec_runs_inside_the_running_sandbox() {
         .expect_err("timeout");
     assert!(err.to_string().contains("did not finish"), "{err}");
     sb.destroy().await.expect("destroy");
-    let err = sb.exec(&argv, Duration::from_secs(1)).await.expect_err("gone");
+    let err = sb
+        .exec(&argv, Duration::from_secs(1))
+        .await
+        .expect_err("gone");
     assert_eq!(err.code(), "SANDBOX_003");
 }
 
@@ -635,7 +665,11 @@ async fn two_sandboxes_do_not_see_each_other() {
     // A's address: the host end's address + 1.
     let a_out = a
         .exec(
-            &["/bin/sh".into(), "-c".into(), "echo $SYMBIONT_HOST_ADDR".into()],
+            &[
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo $SYMBIONT_HOST_ADDR".into(),
+            ],
             Duration::from_secs(5),
         )
         .await
@@ -690,10 +724,15 @@ async fn direct_io_disk_writes_are_throttled_to_the_limit() {
     sb.destroy().await.expect("destroy");
     let bytes = 40.0 * 1024.0 * 1024.0;
     let rate_mb = bytes / wall / 1e6;
-    eprintln!("direct-I/O write with disk_io_mbps = 10: {rate_mb:.2} MB/s ({wall:.2} s); dd: {out}");
+    eprintln!(
+        "direct-I/O write with disk_io_mbps = 10: {rate_mb:.2} MB/s ({wall:.2} s); dd: {out}"
+    );
     assert!(stats.disk_write_bytes >= 40 << 20, "{stats:?}");
     assert!(rate_mb <= 12.0, "{rate_mb:.2} MB/s exceeds 10 MB/s + 20%");
-    assert!(rate_mb >= 6.0, "{rate_mb:.2} MB/s is far below the 10 MB/s limit");
+    assert!(
+        rate_mb >= 6.0,
+        "{rate_mb:.2} MB/s is far below the 10 MB/s limit"
+    );
 }
 
 const NET_PY: &str = r#"
@@ -775,7 +814,10 @@ async fn network_throughput_is_throttled_to_the_limit_both_ways() {
     let _ = srv_down.join().expect("down server");
     let (got, up_time) = srv_up.join().expect("up server");
     assert_eq!(got, N);
-    let down_line = out.lines().find(|l| l.starts_with("down")).expect("down line");
+    let down_line = out
+        .lines()
+        .find(|l| l.starts_with("down"))
+        .expect("down line");
     let f: Vec<&str> = down_line.split_whitespace().collect();
     let (n, secs): (f64, f64) = (f[1].parse().expect("n"), f[2].parse().expect("t"));
     let down_mbit = n * 8.0 / secs / 1e6;
@@ -793,7 +835,11 @@ async fn network_throughput_is_throttled_to_the_limit_both_ways() {
 #[tokio::test]
 async fn update_limits_rewrites_the_cgroup_live() {
     let env = env();
-    let sb = env.backend.create_native(sh("sleep 1000")).await.expect("create");
+    let sb = env
+        .backend
+        .create_native(sh("sleep 1000"))
+        .await
+        .expect("create");
     let _io = sb.start().await.expect("start");
     let mut l = ResourceLimits {
         memory_mb: 96,
@@ -810,7 +856,10 @@ async fn update_limits_rewrites_the_cgroup_live() {
             .expect("dir");
         std::fs::read_to_string(d.join(f)).expect(f)
     };
-    assert_eq!(read("memory", "memory.limit_in_bytes").trim(), (96u64 << 20).to_string());
+    assert_eq!(
+        read("memory", "memory.limit_in_bytes").trim(),
+        (96u64 << 20).to_string()
+    );
     assert_eq!(read("cpu", "cpu.cfs_quota_us").trim(), "25000");
     assert!(read("blkio", "blkio.throttle.write_bps_device").contains(" 5000000"));
     sb.destroy().await.expect("destroy");
@@ -820,10 +869,16 @@ async fn update_limits_rewrites_the_cgroup_live() {
 async fn probe_reports_cgroup_version_and_landlock() {
     let env = env();
     let info = env.backend.probe().await.expect("probe");
-    assert!(info.details.contains("cgroup v1") || info.details.contains("cgroup v2"), "{info:?}");
+    assert!(
+        info.details.contains("cgroup v1") || info.details.contains("cgroup v2"),
+        "{info:?}"
+    );
     assert!(info.details.contains("landlock ABI"), "{info:?}");
     let e = env.backend.enforcement();
-    assert!(e.memory && e.cpu && e.pids && e.disk_io && e.network_io, "{e:?}");
+    assert!(
+        e.memory && e.cpu && e.pids && e.disk_io && e.network_io,
+        "{e:?}"
+    );
 }
 
 /// Regression: the exit used to be lost when the program ended before anyone called
@@ -848,4 +903,101 @@ async fn wait_after_the_program_already_exited_returns_its_exit() {
     // And again, from another caller.
     assert_eq!(sb.wait().await.expect("second wait"), exit);
     sb.destroy().await.expect("destroy");
+}
+
+const LIFELINE_HELPER: &str = "SYMBIONT_TEST_LIFELINE_HELPER";
+
+/// Runs this test binary again as a stand-in "runtime process" (selected by an environment
+/// variable), lets it start a sandbox, SIGKILLs it, and checks that the sandbox died with it.
+#[tokio::test]
+async fn the_sandbox_dies_with_the_runtime_process() {
+    if let Ok(state) = std::env::var(LIFELINE_HELPER) {
+        // The helper role: start a sandbox, report its pids, wait to be killed.
+        let backend = NativeBackend::new(SandboxConfig {
+            state_dir: state.into(),
+            pids_limit: 64,
+            ..Default::default()
+        })
+        .expect("backend");
+        let sb = backend
+            .create_native(sh("sleep 1000 & sleep 1000"))
+            .await
+            .expect("create");
+        let _io = sb.start().await.expect("start");
+        let reaper = sb.reaper_pid().expect("reaper");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let children = std::fs::read_to_string(format!("/proc/{reaper}/task/{reaper}/children"))
+            .expect("children");
+        println!("\nLIFELINE {} {} {}", sb.id(), reaper, children.trim());
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut helper = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "--exact",
+            "the_sandbox_dies_with_the_runtime_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(LIFELINE_HELPER, state.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn helper");
+    let mut stdout = std::io::BufReader::new(helper.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stdout, &mut line).expect("read");
+        assert!(n > 0, "helper ended without starting a sandbox");
+        // libtest may print "test name ... " on the same line first.
+        if let Some(i) = line.find("LIFELINE ") {
+            line = line[i..].to_string();
+            break;
+        }
+    }
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let id = f[1].to_string();
+    let pids: Vec<i32> = f[2..].iter().map(|p| p.parse().expect("pid")).collect();
+    assert!(pids.len() >= 2, "{line}");
+    for p in &pids {
+        assert!(pid_alive(*p), "{p} not running before the kill");
+    }
+    helper.kill().expect("SIGKILL the stand-in runtime");
+    helper.wait().expect("reap helper");
+    let gone = |p: i32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pids.iter().all(|p| gone(*p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for p in &pids {
+        assert!(gone(*p), "sandbox process {p} survived its runtime");
+    }
+    // The dead runtime could not clean up; the next runtime on this host sweeps what it
+    // left (and nothing of live runtimes).
+    assert!(
+        cgroup_dirs(&id).iter().any(|d| d.exists()),
+        "nothing left to sweep?"
+    );
+    let next = NativeBackend::new(SandboxConfig {
+        state_dir: state.path().into(),
+        ..Default::default()
+    })
+    .expect("backend");
+    next.sweep_stale();
+    for d in cgroup_dirs(&id) {
+        assert!(!d.exists(), "stale cgroup {} not swept", d.display());
+    }
+    assert!(!state.path().join(&id).exists(), "stale state not swept");
 }

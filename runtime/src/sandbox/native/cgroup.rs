@@ -508,8 +508,7 @@ impl SandboxCgroup {
             CgroupVersion::V1 => {
                 let mem = self.dir("memory");
                 s.memory_bytes = read_u64(&mem.join("memory.usage_in_bytes")).unwrap_or(0);
-                s.memory_peak_bytes =
-                    read_u64(&mem.join("memory.max_usage_in_bytes")).unwrap_or(0);
+                s.memory_peak_bytes = read_u64(&mem.join("memory.max_usage_in_bytes")).unwrap_or(0);
                 s.cpu_usage_ns = read_u64(&self.dir("cpuacct").join("cpuacct.usage"))
                     .ok_or_else(|| SandboxError::op("stats", "cpuacct.usage unreadable"))?;
                 let blk = fs::read_to_string(
@@ -754,10 +753,7 @@ mod tests {
         .expect("write");
         cg.create(&limits()).expect("create");
         let rd = |p: &str| fs::read_to_string(t.path().join(p)).expect(p);
-        assert_eq!(
-            rd("memory/symbiont/sbx1/memory.limit_in_bytes"),
-            "67108864"
-        );
+        assert_eq!(rd("memory/symbiont/sbx1/memory.limit_in_bytes"), "67108864");
         assert_eq!(
             rd("memory/symbiont/sbx1/memory.memsw.limit_in_bytes"),
             "67108864"
@@ -817,7 +813,10 @@ mod tests {
             rd("symbiont/sbx2/io.max"),
             "254:0 rbps=10000000 wbps=10000000"
         );
-        assert_eq!(cg.procs_files(), vec![t.path().join("symbiont/sbx2/cgroup.procs")]);
+        assert_eq!(
+            cg.procs_files(),
+            vec![t.path().join("symbiont/sbx2/cgroup.procs")]
+        );
 
         let mut unlimited = limits();
         unlimited.disk_bps = 0;
@@ -889,10 +888,19 @@ mod tests {
             "254:0 rbytes=100 wbytes=200 rios=1 wios=2\n8:0 rbytes=1 wbytes=2\n",
         );
         w("symbiont/s/pids.current", "4\n");
-        w("symbiont/s/memory.events", "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n");
+        w(
+            "symbiont/s/memory.events",
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        );
         let s = cg.stats().expect("stats");
-        assert_eq!((s.memory_bytes, s.memory_peak_bytes, s.cpu_usage_ns), (5, 7, 42_000));
-        assert_eq!((s.disk_read_bytes, s.disk_write_bytes, s.pids), (101, 202, 4));
+        assert_eq!(
+            (s.memory_bytes, s.memory_peak_bytes, s.cpu_usage_ns),
+            (5, 7, 42_000)
+        );
+        assert_eq!(
+            (s.disk_read_bytes, s.disk_write_bytes, s.pids),
+            (101, 202, 4)
+        );
         assert_eq!(cg.oom_kills(), 1);
     }
 
@@ -912,7 +920,8 @@ mod tests {
     fn thread_home_files_follow_proc_cgroup() {
         let t = v1_tree();
         let layout = CgroupLayout::detect(t.path()).expect("layout");
-        let text = "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/abc\n2:cpu,cpuacct:/x\n0::/\n";
+        let text =
+            "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/abc\n2:cpu,cpuacct:/x\n0::/\n";
         let files = home_files_from(&layout, text);
         assert_eq!(files[0], t.path().join("memory/process_api/abc/tasks"));
         assert_eq!(files[1], t.path().join("cpu/x/tasks"));

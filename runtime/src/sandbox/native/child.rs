@@ -9,18 +9,23 @@
 //! (a stage number and `errno`), which the parent turns into error messages.
 //!
 //! # The reaper (PID 1 of the sandbox's PID namespace)
-//! 1. moves its pipes to fixed descriptors and closes every other inherited descriptor;
-//! 2. waits on the sync pipe until the parent has written the uid/gid maps, put it into the
-//!    cgroups and plumbed the network;
-//! 3. replays the mount plan (binds, `/proc`, `pivot_root`, read-only root), sets the
-//!    hostname, brings `lo` up and enters a fresh cgroup namespace;
-//! 4. forks the program child, which resets signal dispositions, raises its
+//! It is cloned by [`clone3_fork`] with the new namespaces, already inside the sandbox's
+//! cgroups. It
+//! 1. moves its pipes to fixed descriptors, closes every other inherited descriptor, arms
+//!    the *lifeline* (SIGIO when the runtime's end of a pipe closes → exit) and becomes
+//!    non-dumpable (its memory is a copy of the runtime's);
+//! 2. replays the mount plan (binds, `/proc`, `pivot_root`, read-only root), sets the
+//!    hostname, brings `lo` up and enters a fresh cgroup namespace — all while the parent
+//!    writes the uid/gid maps and plumbs the network;
+//! 3. waits on the sync pipe for the parent's go;
+//! 4. starts the program child vfork-style (`CLONE_VM | CLONE_VFORK` on a stack prepared by
+//!    the parent: no page-table copy); the child resets signal dispositions, raises its
 //!    `oom_score_adj` (so the kernel's OOM killer prefers it over the reaper, whose memory
 //!    map is a copy of the runtime's), confines itself and `execve`s the program;
-//! 5. forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2/SIGWINCH/SIGCONT to the
-//!    program, confines itself too, becomes non-dumpable, reaps every orphan, and when the
-//!    program ends reports its wait status and exits — which makes the kernel kill
-//!    whatever else is left in the namespace.
+//! 5. reports STARTED, confines itself too, forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/
+//!    SIGUSR2/SIGWINCH/SIGCONT to the program, reaps every orphan, and when the program
+//!    ends reports its wait status and exits — which makes the kernel kill whatever else is
+//!    left in the namespace.
 //!
 //! # Confinement (each process applies it to itself)
 //! rlimits → drop the bounding set → clear ambient → `setgroups([])` → `setresgid` /
@@ -270,6 +275,12 @@ pub struct ReaperArgs {
     pub confine: Confine,
     /// Report [`kind::TIMING`] marks.
     pub timing: bool,
+    /// The runtime's argv area (`/proc/self/stat` arg_start..arg_end), overwritten in the
+    /// reaper's copy so the sandbox's `/proc/1/cmdline` does not show the runtime's
+    /// command line. Null to leave it.
+    pub argv_area: *mut u8,
+    /// Its length.
+    pub argv_area_len: usize,
     /// A stack for the program child, which shares the reaper's memory until it execs.
     pub stack: *mut u8,
     /// Its size.
@@ -494,7 +505,11 @@ unsafe fn arm_lifeline() -> bool {
         let fl = libc::fcntl(FD_LIFELINE, libc::F_GETFL);
         if fl < 0
             || libc::fcntl(FD_LIFELINE, libc::F_SETOWN, libc::getpid()) != 0
-            || libc::fcntl(FD_LIFELINE, libc::F_SETFL, fl | libc::O_ASYNC | libc::O_NONBLOCK) != 0
+            || libc::fcntl(
+                FD_LIFELINE,
+                libc::F_SETFL,
+                fl | libc::O_ASYNC | libc::O_NONBLOCK,
+            ) != 0
         {
             return false;
         }
@@ -533,8 +548,24 @@ struct CapData {
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
+/// Empties the capability bounding set (needs CAP_SETPCAP in the user namespace).
+unsafe fn drop_bounding_set(last_cap: u32) -> Result<(), i32> {
+    // SAFETY: prctl with integer arguments.
+    unsafe {
+        for cap in 0..=last_cap {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap as c_ulong, 0, 0, 0) != 0
+                && errno() != libc::EINVAL
+            {
+                return Err(stage::CAPBSET);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Applies [`Confine`] to the calling process. Returns the failed stage on error.
-unsafe fn confine(c: &Confine) -> Result<(), i32> {
+/// `bounding_dropped`: the bounding set was already emptied (inherited from the reaper).
+unsafe fn confine(c: &Confine, bounding_dropped: bool) -> Result<(), i32> {
     // SAFETY: raw syscalls on prepared values.
     unsafe {
         for (res, lim) in &c.rlimits[..c.n_rlimits] {
@@ -542,12 +573,8 @@ unsafe fn confine(c: &Confine) -> Result<(), i32> {
                 return Err(stage::RLIMIT);
             }
         }
-        for cap in 0..=c.last_cap {
-            if libc::prctl(libc::PR_CAPBSET_DROP, cap as c_ulong, 0, 0, 0) != 0
-                && errno() != libc::EINVAL
-            {
-                return Err(stage::CAPBSET);
-            }
+        if !bounding_dropped {
+            drop_bounding_set(c.last_cap)?;
         }
         if libc::prctl(
             libc::PR_CAP_AMBIENT,
@@ -628,11 +655,21 @@ unsafe fn write_oom_score_adj(p: &Program) -> bool {
 }
 
 /// Confines and execs the program. Returns only on failure, having reported it on
-/// `report_fd`.
-unsafe fn exec_program(p: &Program, c: &Confine, report_fd: c_int, timing: bool, pdeathsig: bool) {
+/// `report_fd`. `from_reaper`: the reaper already reset signal dispositions and emptied
+/// the bounding set, which the child inherited.
+unsafe fn exec_program(
+    p: &Program,
+    c: &Confine,
+    report_fd: c_int,
+    timing: bool,
+    pdeathsig: bool,
+    from_reaper: bool,
+) {
     // SAFETY: raw syscalls on prepared values.
     unsafe {
-        reset_signal_dispositions();
+        if !from_reaper {
+            reset_signal_dispositions();
+        }
         let fail = |stage: i32| {
             let e = errno();
             report_to(report_fd, kind::SETUP_ERROR, stage, e);
@@ -643,7 +680,7 @@ unsafe fn exec_program(p: &Program, c: &Confine, report_fd: c_int, timing: bool,
         if !write_oom_score_adj(p) {
             return fail(stage::OOM_ADJ);
         }
-        if let Err(st) = confine(c) {
+        if let Err(st) = confine(c, from_reaper) {
             return fail(st);
         }
         // After the uid change (which clears it): die with the exec helper.
@@ -694,7 +731,7 @@ extern "C" fn program_entry(arg: *mut c_void) -> c_int {
     unsafe {
         let ctx = arg as *mut ProgramCtx;
         let a = &*(*ctx).args;
-        exec_program(&a.program, &a.confine, FD_REPORT, a.timing, false);
+        exec_program(&a.program, &a.confine, FD_REPORT, a.timing, false, true);
         std::ptr::write_volatile(&mut (*ctx).failed, 1);
         libc::_exit(127)
     }
@@ -740,28 +777,31 @@ pub unsafe fn reaper_main(a: &ReaperArgs) -> ! {
         if !arrange_fds(&a.fds[..a.n_fds]) {
             libc::_exit(2);
         }
+        // Default dispositions for everything (inherited from the runtime: SIGPIPE ignored,
+        // tokio's handlers); the program child inherits them.
+        reset_signal_dispositions();
         // Die with the runtime: SIGIO arrives when the lifeline's write end closes.
         if !arm_lifeline() {
             libc::_exit(3);
         }
-        mark_to(FD_REPORT, a.timing, mark::READY);
-        let mut go = 0u8;
-        loop {
-            let n = libc::read(FD_SYNC, &mut go as *mut u8 as *mut c_void, 1);
-            if n == 1 {
-                break;
-            }
-            if n < 0 && errno() == libc::EINTR {
-                continue;
-            }
-            // The parent gave up (or died): leave quietly.
-            libc::_exit(3);
+        // Nobody may read our memory (a copy of the runtime's) through /proc or ptrace.
+        libc::prctl(libc::PR_SET_DUMPABLE, 0 as c_ulong, 0, 0, 0);
+        // Nor our command line and thread name.
+        const NAME: &[u8] = b"symbiont-init\0";
+        if !a.argv_area.is_null() && a.argv_area_len >= NAME.len() {
+            std::ptr::write_bytes(a.argv_area, 0, a.argv_area_len);
+            std::ptr::copy_nonoverlapping(NAME.as_ptr(), a.argv_area, NAME.len());
         }
-        libc::close(FD_SYNC);
-        mark_to(FD_REPORT, a.timing, mark::GO);
-        // The uid map is written now: become root of the user namespace proper (our kuid
-        // was still the host's root) only after the binds, which need owner access to the
-        // runtime's state directory.
+        libc::prctl(libc::PR_SET_NAME, NAME.as_ptr() as c_ulong, 0, 0, 0);
+        // Work the program child would otherwise do on the critical path, done here while
+        // the parent is busy; the child inherits both.
+        if let Err(st) = drop_bounding_set(a.confine.last_cap) {
+            fail_to(FD_REPORT, st);
+        }
+        mark_to(FD_REPORT, a.timing, mark::READY);
+        // The filesystem setup needs no uid map (binds are done with the host root's kuid,
+        // which owns the runtime's state directory), so it overlaps with the parent writing
+        // the maps and plumbing the network.
         for i in 0..a.n_mounts {
             let m = &*a.mounts.add(i);
             let ok = if m.pivot {
@@ -787,6 +827,21 @@ pub unsafe fn reaper_main(a: &ReaperArgs) -> ! {
         if devnull < 0 {
             fail_to(FD_REPORT, stage::DEVNULL);
         }
+        // Wait for the parent: uid/gid maps written, network plumbed.
+        let mut go = 0u8;
+        loop {
+            let n = libc::read(FD_SYNC, &mut go as *mut u8 as *mut c_void, 1);
+            if n == 1 {
+                break;
+            }
+            if n < 0 && errno() == libc::EINTR {
+                continue;
+            }
+            // The parent gave up (or died): leave quietly.
+            libc::_exit(3);
+        }
+        libc::close(FD_SYNC);
+        mark_to(FD_REPORT, a.timing, mark::GO);
         mark_to(FD_REPORT, a.timing, mark::FORKING);
         block_all_signals();
         // vfork-style: the child borrows our memory (no page-table copy) on its own stack
@@ -819,12 +874,14 @@ pub unsafe fn reaper_main(a: &ReaperArgs) -> ! {
         libc::dup2(devnull, 1);
         libc::dup2(devnull, 2);
         libc::close(devnull);
-        if let Err(st) = confine(&a.confine) {
+        report_to(FD_REPORT, kind::STARTED, pid, 0);
+        // Now confine ourselves too (off the program's critical path; the program, a
+        // different user, cannot touch us meanwhile).
+        if let Err(st) = confine(&a.confine, true) {
             libc::kill(pid, libc::SIGKILL);
             fail_to(FD_REPORT, st);
         }
         libc::prctl(libc::PR_SET_DUMPABLE, 0 as c_ulong, 0, 0, 0);
-        report_to(FD_REPORT, kind::STARTED, pid, 0);
         loop {
             let mut status: c_int = 0;
             let r = libc::waitpid(-1, &mut status, 0);
@@ -866,7 +923,7 @@ pub unsafe fn exec_main(a: &ExecArgs) -> ! {
         }
         if pid == 0 {
             // In the sandbox's PID namespace now.
-            exec_program(&a.program, &a.confine, EXEC_FD_REPORT, false, true);
+            exec_program(&a.program, &a.confine, EXEC_FD_REPORT, false, true, false);
             libc::_exit(127);
         }
         let pid = pid as c_int;

@@ -308,7 +308,12 @@ pub async fn lease(id: &str, pool: Pool) -> Result<NetAttachment, SandboxError> 
 impl NetAttachment {
     /// Moves the sandbox end into the namespace of `pid` (the sandbox's PID 1), configures
     /// both ends, NAT and the rate limit.
-    pub async fn connect(&mut self, pid: u32, netns: OwnedFd, mbps: u64) -> Result<(), SandboxError> {
+    pub async fn connect(
+        &mut self,
+        pid: u32,
+        netns: OwnedFd,
+        mbps: u64,
+    ) -> Result<(), SandboxError> {
         self.netns = Some(netns);
         let h = host_handle().await?;
         configure(&h, self, pid, mbps).await
@@ -324,7 +329,11 @@ async fn configure(
     let peer = att.peer.clone();
     let peer_idx = link_index(h, &peer).await?;
     h.link()
-        .set(LinkUnspec::new_with_index(peer_idx).setns_by_pid(pid).build())
+        .set(
+            LinkUnspec::new_with_index(peer_idx)
+                .setns_by_pid(pid)
+                .build(),
+        )
         .execute()
         .await
         .map_err(|e| net_err("move veth into the sandbox", e))?;
@@ -461,6 +470,43 @@ impl NetAttachment {
     }
 }
 
+/// Deletes every iptables rule tagged `symbiont:<id>` for which `stale(id)` holds (leftovers
+/// of a runtime that died). Returns how many were deleted.
+pub fn sweep_rules(stale: impl Fn(&str) -> bool) -> usize {
+    let mut n = 0;
+    for table in ["nat", "filter"] {
+        let Ok(out) = Command::new("iptables")
+            .args(["-w", "-t", table, "-S"])
+            .output()
+        else {
+            return n;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(id) = line
+                .split_whitespace()
+                .find_map(|w| w.trim_matches('"').strip_prefix("symbiont:"))
+            else {
+                continue;
+            };
+            if !stale(id) {
+                continue;
+            }
+            let Some(rest) = line.strip_prefix("-A ") else {
+                continue;
+            };
+            let mut args = vec!["-w".to_string(), "-t".into(), table.into(), "-D".into()];
+            args.extend(
+                rest.split_whitespace()
+                    .map(|w| w.trim_matches('"').to_string()),
+            );
+            if run(Command::new("iptables").args(&args), "iptables -D").is_ok() {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
 /// True when a host interface with this name exists.
 pub fn interface_exists(name: &str) -> bool {
     std::path::Path::new("/sys/class/net").join(name).exists()
@@ -476,11 +522,17 @@ mod tests {
         assert_eq!(p.blocks(), 16384);
         assert_eq!(
             p.block(0),
-            ("10.213.0.1".parse().expect("ip"), "10.213.0.2".parse().expect("ip"))
+            (
+                "10.213.0.1".parse().expect("ip"),
+                "10.213.0.2".parse().expect("ip")
+            )
         );
         assert_eq!(
             p.block(3),
-            ("10.213.0.13".parse().expect("ip"), "10.213.0.14".parse().expect("ip"))
+            (
+                "10.213.0.13".parse().expect("ip"),
+                "10.213.0.14".parse().expect("ip")
+            )
         );
         assert!(Pool::parse("10.213.0.1/16").is_err());
         assert!(Pool::parse("10.213.0.0/30").is_err());

@@ -189,12 +189,7 @@ pub fn mount_plan(i: &MountInputs<'_>) -> Vec<MountStep> {
     };
     for e in i.entries {
         if let HostEntry::Bind(p) = e {
-            bind(
-                p,
-                under(i.root, p),
-                MS_RDONLY | MS_NOSUID | MS_NODEV,
-                true,
-            );
+            bind(p, under(i.root, p), MS_RDONLY | MS_NOSUID | MS_NODEV, true);
         }
     }
     for d in ["workspace", "tmp"] {
@@ -547,7 +542,9 @@ mod tests {
         // /usr: a recursive bind, then a read-only nosuid nodev remount.
         let i = plan
             .iter()
-            .position(|s| matches!(s, MountStep::Mount { source: Some(p), .. } if p == Path::new("/usr")))
+            .position(
+                |s| matches!(s, MountStep::Mount { source: Some(p), .. } if p == Path::new("/usr")),
+            )
             .expect("usr bound");
         assert_eq!(
             plan[i],
@@ -573,11 +570,12 @@ mod tests {
         let ws = plan
             .iter()
             .filter_map(|s| match s {
-                MountStep::Mount { source: None, target, flags, .. }
-                    if target == Path::new("/state/s1/root/workspace") =>
-                {
-                    Some(*flags)
-                }
+                MountStep::Mount {
+                    source: None,
+                    target,
+                    flags,
+                    ..
+                } if target == Path::new("/state/s1/root/workspace") => Some(*flags),
                 _ => None,
             })
             .next()
@@ -588,11 +586,12 @@ mod tests {
         let dev = plan
             .iter()
             .filter_map(|s| match s {
-                MountStep::Mount { source: None, target, flags, .. }
-                    if target == Path::new("/state/s1/root/dev/null") =>
-                {
-                    Some(*flags)
-                }
+                MountStep::Mount {
+                    source: None,
+                    target,
+                    flags,
+                    ..
+                } if target == Path::new("/state/s1/root/dev/null") => Some(*flags),
                 _ => None,
             })
             .next()
@@ -618,12 +617,18 @@ mod tests {
         match plan.last().expect("last") {
             MountStep::Mount { target, flags, .. } => {
                 assert_eq!(target, Path::new("/"));
-                assert_ne!(flags & libc::MS_RDONLY, 0, "root read-only without FileSystem");
+                assert_ne!(
+                    flags & libc::MS_RDONLY,
+                    0,
+                    "root read-only without FileSystem"
+                );
             }
             other => panic!("unexpected {other:?}"),
         }
         // No host /etc is ever bound.
-        assert!(!plan.iter().any(|s| matches!(s, MountStep::Mount { source: Some(p), .. } if p.starts_with("/etc"))));
+        assert!(!plan.iter().any(
+            |s| matches!(s, MountStep::Mount { source: Some(p), .. } if p.starts_with("/etc"))
+        ));
     }
 
     #[test]
@@ -660,7 +665,16 @@ mod tests {
 
     #[test]
     fn path_safety_rejects_escapes() {
-        for bad in ["../x", "/etc/passwd", "a/../../b", "", "./a", "a/./b", "a//b", "a/"] {
+        for bad in [
+            "../x",
+            "/etc/passwd",
+            "a/../../b",
+            "",
+            "./a",
+            "a/./b",
+            "a//b",
+            "a/",
+        ] {
             assert!(check_relative(Path::new(bad)).is_err(), "{bad}");
         }
         for good in ["a", "a/b/c.txt", "run.sh"] {
@@ -730,19 +744,17 @@ mod tests {
         )
         .expect_err("symlinked dir");
         assert_eq!(err.code(), "SANDBOX_002");
-        assert!(
-            place_files(
-                &ws,
-                &[SandboxFile {
-                    path: "../escape".into(),
-                    contents: vec![],
-                    mode: 0o644
-                }],
-                uid,
-                gid
-            )
-            .is_err()
-        );
+        assert!(place_files(
+            &ws,
+            &[SandboxFile {
+                path: "../escape".into(),
+                contents: vec![],
+                mode: 0o644
+            }],
+            uid,
+            gid
+        )
+        .is_err());
     }
 
     #[test]
@@ -754,7 +766,11 @@ mod tests {
         let passwd = &etc.iter().find(|(n, _)| *n == "passwd").expect("passwd").1;
         assert!(passwd.contains("agent:x:65534:65534"));
         let with_net = etc_files("sbx", 1, 1, Some("10.0.0.1".parse().expect("ip")));
-        let hosts = &with_net.iter().find(|(n, _)| *n == "hosts").expect("hosts").1;
+        let hosts = &with_net
+            .iter()
+            .find(|(n, _)| *n == "hosts")
+            .expect("hosts")
+            .1;
         assert!(hosts.contains("10.0.0.1\tsymbiont-host"));
     }
 

@@ -27,8 +27,7 @@ use super::{
     CgroupEntry, ExecJob, NativeBackend, OwnedConfine, OwnedMount, OwnedProgram, ReaperJob,
 };
 use crate::sandbox::{
-    ExecOutput, ExitReason, SandboxError, SandboxExit, SandboxSpec, SandboxStats,
-    SandboxStdio,
+    ExecOutput, ExitReason, SandboxError, SandboxExit, SandboxSpec, SandboxStats, SandboxStdio,
 };
 use crate::types::{Capability, ResourceLimits, SecurityTier};
 
@@ -184,10 +183,7 @@ pub fn classify(
     }
 }
 
-fn cgroup_limits(
-    backend: &NativeBackend,
-    limits: &ResourceLimits,
-) -> CgroupLimits {
+fn cgroup_limits(backend: &NativeBackend, limits: &ResourceLimits) -> CgroupLimits {
     CgroupLimits {
         memory_bytes: limits.memory_bytes(),
         cpu_cores: limits.cpu_cores,
@@ -231,9 +227,7 @@ impl NativeSandbox {
         {
             return Err(unsupported("network_io_mbps"));
         }
-        let agent = spec.agent_id.as_uuid().simple().to_string();
-        let rand = uuid::Uuid::new_v4().simple().to_string();
-        let id = format!("nat-{}-{}", &agent[..8], &rand[..12]);
+        let id = super::sandbox_id(&spec.agent_id);
         let dir = backend.config.state_dir.join(&id);
         let root = dir.join("root");
         let cgroup = SandboxCgroup::new(&backend.host.layout, &id);
@@ -294,7 +288,12 @@ impl NativeSandbox {
 
     /// The host-side veth while the sandbox is attached to the network.
     pub async fn host_interface(&self) -> Option<String> {
-        self.inner.net.lock().await.as_ref().map(|n| n.host_if.clone())
+        self.inner
+            .net
+            .lock()
+            .await
+            .as_ref()
+            .map(|n| n.host_if.clone())
     }
 
     /// The host pid of the sandbox's PID 1 while it runs.
@@ -390,7 +389,9 @@ impl Inner {
             writable_root: self.spec.has_capability(&Capability::FileSystem),
             locked: &plan::locked_flags,
         });
-        let c = |p: &Path| plan::cstrings(&[p.display().to_string()], "mount path").map(|mut v| v.remove(0));
+        let c = |p: &Path| {
+            plan::cstrings(&[p.display().to_string()], "mount path").map(|mut v| v.remove(0))
+        };
         steps
             .iter()
             .map(|s| match s {
@@ -517,6 +518,12 @@ impl Inner {
             tokio::select! {
                 r = read_report(&mut report), if report_open => match r {
                     Some(rec) if rec.kind == kind::EXITED => status = Some(rec.a),
+                    Some(rec) if rec.kind == kind::SETUP_ERROR => tracing::warn!(
+                        sandbox = %self.id,
+                        "sandbox init failed after start: {}: {}",
+                        child::stage_name(rec.a),
+                        os_error(rec.b)
+                    ),
                     Some(_) => {}
                     None => report_open = false,
                 },
@@ -537,8 +544,7 @@ impl Inner {
         }
         // The reaper is gone: drain what it wrote (all writers are closed now).
         while report_open {
-            match tokio::time::timeout(Duration::from_millis(500), read_report(&mut report)).await
-            {
+            match tokio::time::timeout(Duration::from_millis(500), read_report(&mut report)).await {
                 Ok(Some(rec)) if rec.kind == kind::EXITED => status = Some(rec.a),
                 Ok(Some(_)) => {}
                 _ => report_open = false,
@@ -843,11 +849,7 @@ impl crate::sandbox::Sandbox for NativeSandbox {
                         kind::STARTED => target = Some(r.a),
                         kind::EXITED => status = Some(r.a),
                         kind::SETUP_ERROR => {
-                            failure = Some(format!(
-                                "{}: {}",
-                                child::stage_name(r.a),
-                                os_error(r.b)
-                            ))
+                            failure = Some(format!("{}: {}", child::stage_name(r.a), os_error(r.b)))
                         }
                         kind::EXEC_ERROR => {
                             failure = Some(format!("exec {}: {}", argv[0], os_error(r.a)))
@@ -898,9 +900,12 @@ impl crate::sandbox::Sandbox for NativeSandbox {
         let (pid, pidfd) = self.inner.running_reaper()?;
         if signal == libc::SIGKILL || signal == libc::SIGSTOP {
             // Not catchable by the reaper: deliver to the program directly.
-            let children =
-                std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-            for c in children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            for c in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
                 // SAFETY: kill(2) has no memory-safety preconditions.
                 unsafe {
                     libc::kill(c, signal);
@@ -1030,7 +1035,10 @@ impl crate::sandbox::Sandbox for NativeSandbox {
         inner.killed.store(true, Ordering::SeqCst);
         inner.kill_all().await?;
         if let Some(m) = monitor {
-            if tokio::time::timeout(Duration::from_secs(10), m).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), m)
+                .await
+                .is_err()
+            {
                 tracing::warn!(sandbox = %inner.id, "monitor did not finish after kill");
             }
         }
@@ -1074,7 +1082,10 @@ mod tests {
         let exited = classify(Some(3 << 8), false, false, 0, d);
         assert_eq!((exited.reason, exited.code), (ExitReason::Exited, Some(3)));
         let sig = classify(Some(libc::SIGSEGV), false, false, 0, d);
-        assert_eq!((sig.reason, sig.signal), (ExitReason::Signaled, Some(libc::SIGSEGV)));
+        assert_eq!(
+            (sig.reason, sig.signal),
+            (ExitReason::Signaled, Some(libc::SIGSEGV))
+        );
         let oom = classify(Some(libc::SIGKILL), false, false, 1, d);
         assert_eq!(oom.reason, ExitReason::OutOfMemory);
         assert!(oom.is_resource_violation());
@@ -1082,7 +1093,10 @@ mod tests {
         let ok = classify(Some(0), false, false, 1, d);
         assert_eq!(ok.reason, ExitReason::Exited);
         let t = classify(None, true, true, 0, d);
-        assert_eq!((t.reason, t.signal), (ExitReason::Timeout, Some(libc::SIGKILL)));
+        assert_eq!(
+            (t.reason, t.signal),
+            (ExitReason::Timeout, Some(libc::SIGKILL))
+        );
         let k = classify(Some(libc::SIGTERM), false, true, 0, d);
         assert_eq!(k.reason, ExitReason::Killed);
     }
