@@ -119,7 +119,7 @@ pub fn monotonic_us() -> i32 {
     unsafe {
         libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
     }
-    ((ts.tv_sec as i64 * 1_000_000 + ts.tv_nsec as i64 / 1000) & 0x7fff_ffff) as i32
+    ((ts.tv_sec * 1_000_000 + ts.tv_nsec / 1000) & 0x7fff_ffff) as i32
 }
 
 /// Setup stages named in [`kind::SETUP_ERROR`] records. Mount steps are `MOUNT_BASE + i`.
@@ -614,7 +614,7 @@ unsafe fn confine(c: &Confine, bounding_dropped: bool) -> Result<(), i32> {
             return Err(stage::NO_NEW_PRIVS);
         }
         if c.landlock_fd >= 0
-            && libc::syscall(libc::SYS_landlock_restrict_self, c.landlock_fd, 0 as u32) != 0
+            && libc::syscall(libc::SYS_landlock_restrict_self, c.landlock_fd, 0_u32) != 0
         {
             return Err(stage::LANDLOCK);
         }

@@ -379,7 +379,7 @@ impl NativeBackend {
             }
             let _ = std::fs::remove_dir_all(self.config.state_dir.join(id));
         }
-        let rules = net::sweep_rules(|id| owner_is_dead(id));
+        let rules = net::sweep_rules(owner_is_dead);
         if !ids.is_empty() || rules > 0 {
             tracing::info!(
                 sandboxes = ids.len(),

@@ -119,7 +119,7 @@ fn pidfd_reap(pidfd: &OwnedFd) -> bool {
             &mut info,
             libc::WEXITED | libc::WNOHANG,
         );
-        r == 0 && info.si_pid() != 0 || r != 0
+        r != 0 || info.si_pid() != 0
     }
 }
 
