@@ -107,6 +107,13 @@ async fn missing_program_fails_start_with_a_clear_error() {
         .expect("create");
     let err = sb.start().await.expect_err("must fail");
     assert!(err.to_string().contains("/no/such/program"), "{err}");
+    assert!(err.to_string().contains("No such file"), "{err}");
+    // Nothing to wait for, and it says so instead of hanging.
+    let err = tokio::time::timeout(Duration::from_secs(5), sb.wait())
+        .await
+        .expect("wait must not hang")
+        .expect_err("no exit");
+    assert_eq!(err.code(), "SANDBOX_003");
     sb.destroy().await.expect("destroy");
 }
 

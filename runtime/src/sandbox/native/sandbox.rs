@@ -37,6 +37,8 @@ enum Phase {
     Created,
     Running,
     Exited,
+    /// `start` failed; nothing runs.
+    Failed,
     Destroyed,
 }
 
@@ -201,6 +203,11 @@ impl NativeSandbox {
     ) -> Result<Self, SandboxError> {
         spec.validate()?;
         plan::check_workdir(&spec.workdir)?;
+        if let Some(image) = &spec.image {
+            // The native root is built from the host's read-only binds
+            // (`[sandbox.native] ro_binds`); images belong to the container and VM tiers.
+            tracing::warn!(%image, "the native tier ignores `image`; the program runs on host binaries");
+        }
         for f in &spec.files {
             plan::check_relative(&f.path)?;
         }
@@ -603,10 +610,21 @@ impl Drop for StartGuard {
         }
         if let Some(p) = &self.pidfd {
             let _ = pidfd_signal(p, libc::SIGKILL);
+            // SAFETY: waitid(P_PIDFD) on our own child, blocking until the SIGKILL lands
+            // (a few milliseconds at most); avoids leaving a zombie behind.
+            unsafe {
+                let mut info: libc::siginfo_t = std::mem::zeroed();
+                libc::waitid(
+                    libc::P_PIDFD,
+                    p.as_raw_fd() as libc::id_t,
+                    &mut info,
+                    libc::WEXITED,
+                );
+            }
         }
         let mut st = self.inner.state.lock();
         st.reaper = None;
-        st.phase = Phase::Exited;
+        st.phase = Phase::Failed;
     }
 }
 
@@ -941,11 +959,24 @@ impl crate::sandbox::Sandbox for NativeSandbox {
     }
 
     async fn wait(&self) -> Result<SandboxExit, SandboxError> {
-        if matches!(self.inner.state.lock().phase, Phase::Created) {
-            return Err(SandboxError::InvalidState {
-                id: self.inner.id.clone(),
-                message: "wait before start".into(),
-            });
+        let current = self.inner.exit_tx.borrow().clone();
+        if let Some(e) = current {
+            return Ok(e);
+        }
+        match self.inner.state.lock().phase {
+            Phase::Created => {
+                return Err(SandboxError::InvalidState {
+                    id: self.inner.id.clone(),
+                    message: "wait before start".into(),
+                })
+            }
+            Phase::Failed => {
+                return Err(SandboxError::InvalidState {
+                    id: self.inner.id.clone(),
+                    message: "start failed; there is nothing to wait for".into(),
+                })
+            }
+            _ => {}
         }
         let mut rx = self.inner.exit_tx.subscribe();
         let r = rx
