@@ -467,9 +467,26 @@ impl SandboxRegistry {
 /// Returns the registry and what each probe found; a tier whose probe fails is left out
 /// (an agent asking for it gets SANDBOX_001 with the probe's install hint).
 pub async fn probe_registry(config: &SandboxConfig) -> (SandboxRegistry, Vec<TierInfo>) {
-    let registry = SandboxRegistry::new();
-    let infos = Vec::new();
-    let _ = config;
+    let mut registry = SandboxRegistry::new();
+    let mut infos = Vec::new();
+    let mut candidates: Vec<Result<Arc<dyn SandboxBackend>, SandboxError>> = Vec::new();
+    candidates.push(native::NativeBackend::new(config.clone()).map(|b| Arc::new(b) as _));
+    for candidate in candidates {
+        let backend = match candidate {
+            Ok(backend) => backend,
+            Err(e) => {
+                tracing::warn!(error = %e, "sandbox tier not available");
+                continue;
+            }
+        };
+        match backend.probe().await {
+            Ok(info) => {
+                infos.push(info);
+                registry.register(backend);
+            }
+            Err(e) => tracing::warn!(tier = %backend.tier(), error = %e, "sandbox tier not available"),
+        }
+    }
     (registry, infos)
 }
 
