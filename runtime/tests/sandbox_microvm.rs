@@ -22,13 +22,18 @@ fn env() -> Env {
     env_with(MicrovmConfig::default())
 }
 
+fn logging() {
+    symbiont_runtime::init_logging("symbiont_runtime=info", symbiont_runtime::config::LogFormat::Text);
+}
+
 fn env_with(microvm: MicrovmConfig) -> Env {
+    logging();
     let state = tempfile::Builder::new()
         .prefix("symbiont-mvm-test")
         .tempdir()
         .expect("tempdir");
     let cfg = SandboxConfig {
-        state_dir: std::env::var("MVM_KEEP").map(std::path::PathBuf::from).unwrap_or_else(|_| state.path().to_path_buf()),
+        state_dir: state.path().to_path_buf(),
         microvm,
         ..Default::default()
     };
@@ -89,3 +94,297 @@ async fn program_output_and_exit_code_come_back() {
     assert_eq!(exit.reason, ExitReason::Exited);
     assert_eq!(exit.code, Some(3));
 }
+
+fn vmm_processes(id: &str) -> Vec<String> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-af", id])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("qemu") || l.contains("firecracker"))
+        .map(str::to_string)
+        .collect()
+}
+
+fn assert_no_vmm(id: &str) {
+    let left = vmm_processes(id);
+    assert!(left.is_empty(), "VMM processes left behind for {id}: {left:?}");
+    for d in ["/sys/fs/cgroup/cpu/symbiont", "/sys/fs/cgroup/memory/symbiont", "/sys/fs/cgroup/symbiont"] {
+        let cg = std::path::Path::new(d).join(format!("microvm-{id}"));
+        assert!(!cg.exists(), "cgroup {} left behind", cg.display());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_reaches_the_program() {
+    let env = env();
+    let sb = create(&env, spec(&["/bin/sh", "-c", "read a; read b; echo \"got:$a+$b\"; cat | wc -c"])).await;
+    let SandboxStdio { mut stdin, stdout, stderr } = sb.start().await.expect("start");
+    stdin.write_all(b"one\ntwo\n").await.expect("write");
+    stdin.write_all(&vec![b'x'; 100_000]).await.expect("write bulk");
+    stdin.shutdown().await.expect("close stdin");
+    drop(stdin);
+    let (out, _err) = tokio::join!(read_all(stdout), read_all(stderr));
+    let exit = sb.wait().await.expect("wait");
+    sb.destroy().await.expect("destroy");
+    assert_eq!(out, "got:one+two\n100000\n");
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspace_files_are_placed_and_the_program_is_unprivileged() {
+    let env = env();
+    let mut s = spec(&["/bin/sh", "-c", "cat data/input.txt; ./run.sh; pwd; id -u; touch /workspace/new && echo writable; touch /etc/x 2>/dev/null || echo ro-etc"]);
+    s.files.push(SandboxFile {
+        path: "data/input.txt".into(),
+        contents: b"file contents\n".to_vec(),
+        mode: 0o644,
+    });
+    s.files.push(SandboxFile {
+        path: "run.sh".into(),
+        contents: b"#!/bin/sh\necho script ran\n".to_vec(),
+        mode: 0o755,
+    });
+    let (out, err, exit) = run(&env, s).await;
+    assert!(exit.success(), "{exit:?} {err}");
+    assert_eq!(out, "file contents\nscript ran\n/workspace\n1000\nwritable\nro-etc\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocating_past_the_vm_memory_is_an_oom_kill() {
+    let env = env();
+    // The shell keeps the whole command output in memory: it grows until the guest's memory
+    // cgroup (64 MiB) is full and the guest kernel's OOM killer ends the agent.
+    let mut s = spec(&["/bin/sh", "-c", "echo start; x=$(yes $(printf %01000d 0) | head -c 200000000); echo survived ${#x}"]);
+    s.limits.memory_mb = 64;
+    let sb = create(&env, s).await;
+    let id = sb.id().to_string();
+    let SandboxStdio { stdin, stdout, stderr } = sb.start().await.expect("start");
+    drop(stdin);
+    let (out, _err) = tokio::join!(read_all(stdout), read_all(stderr));
+    let exit = sb.wait().await.expect("wait");
+    assert_eq!(exit.reason, ExitReason::OutOfMemory, "{exit:?} out={out}");
+    assert!(exit.is_resource_violation());
+    assert!(!out.contains("survived"));
+    assert_no_vmm(&id);
+    sb.destroy().await.expect("destroy");
+    // The host is unaffected: another VM runs normally right after.
+    let (out, _, exit) = run(&env, spec(&["/bin/sh", "-c", "echo fine"])).await;
+    assert!(exit.success());
+    assert_eq!(out, "fine\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_network_the_guest_has_only_lo() {
+    let env = env();
+    let (out, _, exit) = run(&env, spec(&["/bin/sh", "-c", "ls /sys/class/net; echo ADDR=${SYMBIONT_HOST_ADDR:-none}; nc -w 2 10.0.2.2 22 </dev/null && echo connected || echo unreachable"])).await;
+    assert!(exit.success(), "{exit:?}");
+    assert_eq!(out, "lo\nADDR=none\nunreachable\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_network_the_guest_reaches_a_host_loopback_server() {
+    let env = env();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let server = tokio::spawn(async move {
+        let (mut conn, _) = listener.accept().await.expect("accept");
+        let mut buf = vec![0u8; 5];
+        conn.read_exact(&mut buf).await.expect("read");
+        conn.write_all(b"pong from host\n").await.expect("write");
+        buf
+    });
+    let mut s = spec(&["/bin/sh", "-c", &format!("ls /sys/class/net | tr '\\n' ' '; echo; (echo ping; sleep 3) | nc $SYMBIONT_HOST_ADDR {port}")]);
+    s.capabilities.push(Capability::Network);
+    let (out, err, exit) = run(&env, s).await;
+    assert!(exit.success(), "{exit:?} {err}");
+    assert_eq!(out, "eth0 lo \npong from host\n");
+    assert_eq!(server.await.expect("server"), b"ping\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_files_are_not_reachable_from_the_guest() {
+    let env = env();
+    let secret_dir = tempfile::tempdir().expect("tempdir");
+    let secret = secret_dir.path().join("secret.txt");
+    std::fs::write(&secret, "TOP-SECRET-symbiont-4711").expect("write secret");
+    let shadow = std::fs::read_to_string("/etc/shadow").unwrap_or_default();
+    let root_hash_marker = shadow.lines().next().unwrap_or("root:").to_string();
+    let script = format!(
+        "cat /etc/shadow 2>&1; cat {} 2>&1; grep -rs TOP-SECRET /etc /root /tmp /workspace /bin /run | head -1; ls /; exit 0",
+        secret.display()
+    );
+    let (out, _, exit) = run(&env, spec(&["/bin/sh", "-c", &script])).await;
+    assert!(exit.success());
+    assert!(!out.contains("TOP-SECRET"), "{out}");
+    assert!(!out.contains(&root_hash_marker), "{out}");
+    assert!(out.contains("No such file"), "{out}");
+    assert!(!out.contains("work\n"), "host root visible: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_kills_the_vm_and_leaves_no_qemu() {
+    let env = env();
+    let mut s = spec(&["/bin/sh", "-c", "echo begin; sleep 600"]);
+    s.timeout = Some(Duration::from_secs(2));
+    let sb = create(&env, s).await;
+    let id = sb.id().to_string();
+    let SandboxStdio { stdin, stdout, stderr } = sb.start().await.expect("start");
+    assert!(!vmm_processes(&id).is_empty(), "the VM runs under QEMU");
+    let t = Instant::now();
+    drop(stdin);
+    let (out, _) = tokio::join!(read_all(stdout), read_all(stderr));
+    let exit = sb.wait().await.expect("wait");
+    assert_eq!(out, "begin\n");
+    assert_eq!(exit.reason, ExitReason::Timeout);
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert_no_vmm(&id);
+    sb.destroy().await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_stop_and_destroy_leave_no_qemu() {
+    let env = env();
+    // kill
+    let sb = create(&env, spec(&["/bin/sleep", "600"])).await;
+    let id = sb.id().to_string();
+    let _io = sb.start().await.expect("start");
+    sb.kill().await.expect("kill");
+    assert_no_vmm(&id);
+    assert_eq!(sb.wait().await.expect("wait").reason, ExitReason::Killed);
+    sb.destroy().await.expect("destroy");
+    // stop: SIGTERM reaches the program, which ends within the grace period
+    let sb = create(&env, spec(&["/bin/sh", "-c", "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 1; done"])).await;
+    let id = sb.id().to_string();
+    let SandboxStdio { stdout, .. } = sb.start().await.expect("start");
+    let mut stdout = tokio::io::BufReader::new(stdout);
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line).await.expect("ready");
+    assert_eq!(line, "ready\n");
+    let exit = sb.stop(Duration::from_secs(20)).await.expect("stop");
+    assert_eq!(exit.reason, ExitReason::Killed);
+    assert_eq!(exit.code, Some(7), "the program handled SIGTERM: {exit:?}");
+    assert_no_vmm(&id);
+    sb.destroy().await.expect("destroy");
+    // destroy while running
+    let sb = create(&env, spec(&["/bin/sleep", "600"])).await;
+    let id = sb.id().to_string();
+    let _io = sb.start().await.expect("start");
+    sb.destroy().await.expect("destroy");
+    assert_no_vmm(&id);
+    sb.destroy().await.expect("destroy is idempotent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_cache_is_reused_on_the_second_start() {
+    let env = env();
+    let mut s = spec(&["/bin/sh", "-c", "cat hello.txt"]);
+    s.files.push(SandboxFile {
+        path: "hello.txt".into(),
+        contents: b"cached\n".to_vec(),
+        mode: 0o644,
+    });
+    let before = env.backend.cache_stats();
+    let (out, _, _) = run(&env, s.clone()).await;
+    assert_eq!(out, "cached\n");
+    let after_first = env.backend.cache_stats();
+    assert_eq!(after_first.misses, before.misses + 1, "first start builds the image");
+    let (out, _, _) = run(&env, s).await;
+    assert_eq!(out, "cached\n");
+    let after_second = env.backend.cache_stats();
+    assert_eq!(after_second.hits, after_first.hits + 1, "second start reuses it");
+    assert_eq!(after_second.misses, after_first.misses, "nothing rebuilt");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kvm_probe_decides_the_accelerator_and_warns_on_fallback() {
+    use symbiont_runtime::sandbox::microvm::{kvm, Accel};
+    let env = env();
+    let info = match env.backend.probe().await {
+        Ok(i) => i,
+        Err(e) => panic!("microVM tier unavailable: {e}; run `bash scripts/setup.sh`"),
+    };
+    let accel = env.backend.accel().await.expect("accel");
+    // Check KVM independently: boot the minimal guest under -accel kvm ourselves.
+    let kernel = env.backend.kernel_image().await.expect("kernel");
+    let initrd = env.backend.minimal_initramfs().expect("initramfs");
+    let qemu = kvm::which(std::path::Path::new("qemu-system-x86_64")).expect("qemu");
+    let kvm_works = matches!(kvm::probe_kvm(&qemu, &kernel, &initrd, Duration::from_secs(5)).await, kvm::KvmProbe::Works);
+    if kvm_works {
+        assert_eq!(accel, Accel::Kvm);
+        assert!(info.warnings.is_empty(), "{:?}", info.warnings);
+    } else {
+        assert_eq!(accel, Accel::Tcg, "KVM does not run guests here: TCG fallback");
+        assert!(
+            info.warnings.iter().any(|w| w.contains("KVM unusable") && w.contains("TCG")),
+            "the fallback is visible in TierInfo.warnings: {:?}",
+            info.warnings
+        );
+        assert!(info.details.contains("accel tcg"), "{}", info.details);
+    }
+    assert_no_vmm("symbiont-bare-boot");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_stats_pause_and_resume_act_on_the_running_vm() {
+    let env = env();
+    let mut s = spec(&["/bin/sh", "-c", "echo up; sleep 600"]);
+    s.limits.cpu_cores = 1.0;
+    let sb = create(&env, s).await;
+    let id = sb.id().to_string();
+    let _io = sb.start().await.expect("start");
+    let out = sb
+        .exec(&["/bin/sh".into(), "-c".into(), "echo exec-ok; id -u; echo err >&2; exit 4".into()], Duration::from_secs(20))
+        .await
+        .expect("exec");
+    assert_eq!(out.code, 4);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "exec-ok\n1000\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    let stats = sb.stats().await.expect("stats");
+    assert!(stats.memory_bytes > 0, "{stats:?}");
+    assert!(stats.cpu_usage_ns > 0, "{stats:?}");
+    assert!(stats.pids >= 2, "sh + sleep (+ exec) in the agent cgroup: {stats:?}");
+    sb.pause().await.expect("pause");
+    let cpu_paused_a = sb.stats().await.expect("stats").cpu_usage_ns;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cpu_paused_b = sb.stats().await.expect("stats").cpu_usage_ns;
+    assert!(
+        cpu_paused_b - cpu_paused_a < 300_000_000,
+        "a paused VM burns (almost) no CPU: {} ms",
+        (cpu_paused_b - cpu_paused_a) / 1_000_000
+    );
+    sb.resume().await.expect("resume");
+    let out = sb.exec(&["/bin/echo".into(), "after-resume".into()], Duration::from_secs(20)).await.expect("exec");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "after-resume\n");
+    sb.destroy().await.expect("destroy");
+    assert_no_vmm(&id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_guest_init_is_a_clear_sandbox_001() {
+    let env = env_with(MicrovmConfig {
+        guest_init: "/nonexistent/symbiont-guest".into(),
+        accel: symbiont_runtime::sandbox::microvm::AccelMode::Tcg,
+        ..Default::default()
+    });
+    let Err(err) = env.backend.create(spec(&["/bin/true"])).await else {
+        panic!("create must fail without the guest init");
+    };
+    assert_eq!(err.code(), "SANDBOX_001");
+    let msg = err.to_string();
+    assert!(msg.contains("cargo build -p symbiont-guest") && msg.contains("crt-static"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_program_fails_start_with_the_reason() {
+    let env = env();
+    let sb = create(&env, spec(&["/no/such/program"])).await;
+    let id = sb.id().to_string();
+    let err = sb.start().await.expect_err("cannot start");
+    assert_eq!(err.code(), "SANDBOX_004");
+    assert!(err.to_string().contains("/no/such/program"), "{err}");
+    assert_no_vmm(&id);
+    sb.destroy().await.expect("destroy");
+}
+

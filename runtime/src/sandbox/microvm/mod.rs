@@ -404,15 +404,34 @@ impl MicrovmBackend {
     }
 
     async fn kvm_probe(&self, qemu: &Path, kernel: &Path) -> Result<kvm::KvmProbe, SandboxError> {
-        let cache_file = self.state_dir.join("kvm-probe.json");
+        // One probe per host, kernel and QEMU per process (backends in the same process share
+        // it) and across processes through a file in the state directory.
+        static PROBES: tokio::sync::Mutex<Vec<(String, kvm::KvmProbe)>> =
+            tokio::sync::Mutex::const_new(Vec::new());
         let key = kvm::probe_cache_key(qemu, kernel);
-        if let Some(cached) = kvm::read_cached(&cache_file, &key) {
+        let mut probes = PROBES.lock().await;
+        if let Some((_, p)) = probes.iter().find(|(k, _)| *k == key) {
+            return Ok(p.clone());
+        }
+        let result = self.kvm_probe_uncached(qemu, kernel, &key).await?;
+        probes.push((key, result.clone()));
+        Ok(result)
+    }
+
+    async fn kvm_probe_uncached(
+        &self,
+        qemu: &Path,
+        kernel: &Path,
+        key: &str,
+    ) -> Result<kvm::KvmProbe, SandboxError> {
+        let cache_file = self.state_dir.join("kvm-probe.json");
+        if let Some(cached) = kvm::read_cached(&cache_file, key) {
             return Ok(cached);
         }
         let initrd = self.minimal_initramfs()?;
         tracing::info!("probing whether KVM runs guests on this host");
         let result = kvm::probe_kvm(qemu, kernel, &initrd, self.cfg.kvm_probe_timeout).await;
-        kvm::write_cached(&cache_file, &key, &result);
+        kvm::write_cached(&cache_file, key, &result);
         Ok(result)
     }
 
