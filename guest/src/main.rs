@@ -446,6 +446,11 @@ fn setup_workspace(cfg: &GuestConfig) -> Result<()> {
     match &cfg.workspace_device {
         Some(dev) => {
             wait_for_path(dev, Duration::from_secs(10))?;
+            // Small requests keep the VMM's bandwidth throttling precise (its leaky bucket
+            // admits a whole request whenever it is not yet full).
+            if let Some(name) = Path::new(dev).file_name().and_then(|n| n.to_str()) {
+                let _ = write_file(&format!("/sys/block/{name}/queue/max_sectors_kb"), "64");
+            }
             mount(dev, ws, "ext4", flags, "")?;
             let _ = fs::remove_dir(format!("{ws}/lost+found"));
         }
@@ -1125,10 +1130,12 @@ mod netlimit {
     /// Applies an egress and ingress ceiling of `rate_bps` bits per second on `dev`.
     pub fn apply(dev: &str, rate_bps: u64) -> Result<()> {
         let rate = (rate_bps / 8).clamp(1, u64::from(u32::MAX)) as u32;
-        // Bursts of ~20 ms of traffic (at least a few full frames) keep TCP smooth while
-        // holding the average at the rate; the queue holds ~100 ms.
+        // Egress: bursts of ~20 ms of traffic, a queue of ~100 ms. Ingress policing drops
+        // instead of queueing, so it gets a deeper bucket (~250 ms): the sender's TCP (QEMU's
+        // user-mode stack, with coarse retransmission timers) otherwise collapses.
         let burst = (rate / 50).max(16 * 1024);
         let limit = (rate / 10).max(64 * 1024);
+        let police_burst = (rate / 4).max(64 * 1024);
         let name = super::cstr(dev)?;
         // SAFETY: name is a valid NUL-terminated string.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
@@ -1139,7 +1146,7 @@ mod netlimit {
         let steps = [
             ("tbf qdisc", tbf_request(ifindex, rate, burst, limit)),
             ("ingress qdisc", ingress_request(ifindex)),
-            ("police filter", police_request(ifindex, rate, burst)),
+            ("police filter", police_request(ifindex, rate, police_burst)),
         ];
         let result = send_all(fd, dev, &steps);
         // SAFETY: fd is ours.
