@@ -938,8 +938,11 @@ fn read_stats() -> GuestStats {
 mod netlimit {
     //! Network bandwidth ceilings the guest kernel enforces on `eth0`, installed over rtnetlink
     //! before the unprivileged program starts (it has no CAP_NET_ADMIN to undo them):
-    //! egress — a `tbf` root qdisc; ingress — the `ingress` qdisc with a `matchall` filter
-    //! whose `police` action drops what exceeds the rate (TCP then settles at the rate).
+    //! egress — a `tbf` root qdisc on the NIC; ingress — the `ingress` qdisc with a
+    //! `matchall` filter whose `mirred` action redirects every packet to the IFB device
+    //! `ifb0`, where another `tbf` queues it to the rate. (Shaping rather than policing:
+    //! dropping at ingress makes the sender's TCP — QEMU's user-mode stack with coarse
+    //! retransmission timers — collapse far below the rate.)
     use super::Result;
     use std::io;
 
@@ -957,13 +960,15 @@ mod netlimit {
     const TCA_MATCHALL_ACT: u16 = 2;
     const TCA_ACT_KIND: u16 = 1;
     const TCA_ACT_OPTIONS: u16 = 2;
-    const TCA_POLICE_TBF: u16 = 1;
-    const TCA_POLICE_RATE: u16 = 2;
+    const TCA_MIRRED_PARMS: u16 = 2;
+    const TCA_EGRESS_REDIR: i32 = 1;
+    const TC_ACT_STOLEN: i32 = 4;
     const TC_H_ROOT: u32 = 0xFFFF_FFFF;
     const TC_H_INGRESS: u32 = 0xFFFF_FFF1;
     const TC_LINKLAYER_ETHERNET: u8 = 1;
-    const TC_ACT_SHOT: i32 = 2;
     const ETH_P_ALL: u16 = 0x0003;
+    /// The IFB device ingress traffic is redirected to.
+    const IFB: &str = "ifb0";
     /// Kernel packet-scheduler ticks are 64 ns.
     const NS_PER_TICK: u64 = 64;
 
@@ -1041,13 +1046,6 @@ mod netlimit {
         (ns / NS_PER_TICK).min(u64::from(u32::MAX)) as u32
     }
 
-    /// The 256-entry rate table `act_police` insists on (as iproute2's tc_calc_rtable).
-    pub fn rate_table(rate: u32, cell_log: u8) -> Vec<u8> {
-        (0..256u64)
-            .flat_map(|i| xmit_ticks(rate, (i + 1) << cell_log).to_ne_bytes())
-            .collect()
-    }
-
     /// The `tbf` qdisc request.
     pub fn tbf_request(ifindex: i32, rate: u32, burst: u32, limit: u32) -> Vec<u8> {
         let mut qopt = Vec::with_capacity(36);
@@ -1074,18 +1072,17 @@ mod netlimit {
         m.finish()
     }
 
-    /// The `matchall` + `police ... drop` filter request on the ingress qdisc.
-    pub fn police_request(ifindex: i32, rate: u32, burst: u32) -> Vec<u8> {
-        let cell_log = 3u8; // (2047 >> 3) fits in 255 cells, as iproute2 picks for mtu 2047
-        let mut police = Vec::with_capacity(56);
-        police.extend_from_slice(&0u32.to_ne_bytes()); // index
-        police.extend_from_slice(&TC_ACT_SHOT.to_ne_bytes()); // exceed action
-        police.extend_from_slice(&0u32.to_ne_bytes()); // limit
-        police.extend_from_slice(&xmit_ticks(rate, u64::from(burst)).to_ne_bytes());
-        police.extend_from_slice(&2047u32.to_ne_bytes()); // mtu
-        police.extend_from_slice(&ratespec(rate, cell_log));
-        police.extend_from_slice(&[0u8; 12]); // no peak rate
-        police.extend_from_slice(&[0u8; 12]); // refcnt, bindcnt, capab
+    /// The `matchall` filter on `dev`'s ingress qdisc whose `mirred` action redirects every
+    /// packet to the egress of `target` (the IFB device that shapes it).
+    pub fn redirect_request(ifindex: i32, target: i32) -> Vec<u8> {
+        let mut mirred = Vec::with_capacity(28);
+        mirred.extend_from_slice(&0u32.to_ne_bytes()); // index
+        mirred.extend_from_slice(&0u32.to_ne_bytes()); // capab
+        mirred.extend_from_slice(&TC_ACT_STOLEN.to_ne_bytes()); // action
+        mirred.extend_from_slice(&0i32.to_ne_bytes()); // refcnt
+        mirred.extend_from_slice(&0i32.to_ne_bytes()); // bindcnt
+        mirred.extend_from_slice(&TCA_EGRESS_REDIR.to_ne_bytes()); // eaction
+        mirred.extend_from_slice(&(target as u32).to_ne_bytes()); // ifindex
         let info = (1u32 << 16) | u32::from(ETH_P_ALL.to_be());
         let mut m = NlMsg::new(RTM_NEWTFILTER, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL);
         m.tcmsg(ifindex, 0, 0xFFFF_0000, info)
@@ -1093,10 +1090,9 @@ mod netlimit {
             .nest(TCA_OPTIONS)
             .nest(TCA_MATCHALL_ACT)
             .nest(1)
-            .attr(TCA_ACT_KIND, b"police\0")
+            .attr(TCA_ACT_KIND, b"mirred\0")
             .nest(TCA_ACT_OPTIONS)
-            .attr(TCA_POLICE_TBF, &police)
-            .attr(TCA_POLICE_RATE, &rate_table(rate, cell_log))
+            .attr(TCA_MIRRED_PARMS, &mirred)
             .end()
             .end()
             .end()
@@ -1130,23 +1126,29 @@ mod netlimit {
     /// Applies an egress and ingress ceiling of `rate_bps` bits per second on `dev`.
     pub fn apply(dev: &str, rate_bps: u64) -> Result<()> {
         let rate = (rate_bps / 8).clamp(1, u64::from(u32::MAX)) as u32;
-        // Egress: bursts of ~20 ms of traffic, a queue of ~100 ms. Ingress policing drops
-        // instead of queueing, so it gets a deeper bucket (~250 ms): the sender's TCP (QEMU's
-        // user-mode stack, with coarse retransmission timers) otherwise collapses.
+        // Bursts of ~20 ms of traffic (at least a few full frames), queues of ~250 ms.
         let burst = (rate / 50).max(16 * 1024);
-        let limit = (rate / 10).max(64 * 1024);
-        let police_burst = (rate / 4).max(64 * 1024);
-        let name = super::cstr(dev)?;
-        // SAFETY: name is a valid NUL-terminated string.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
-        if ifindex == 0 {
-            return Err(super::os_err(format!("if_nametoindex {dev}")));
-        }
+        let limit = (rate / 4).max(64 * 1024);
+        let index = |name: &str| -> Result<i32> {
+            let c = super::cstr(name)?;
+            // SAFETY: c is a valid NUL-terminated string.
+            let i = unsafe { libc::if_nametoindex(c.as_ptr()) } as i32;
+            if i == 0 {
+                return Err(super::os_err(format!("if_nametoindex {name}")));
+            }
+            Ok(i)
+        };
+        let ifindex = index(dev)?;
+        // The ifb module creates ifb0 when it loads.
+        super::wait_for_path(&format!("/sys/class/net/{IFB}"), std::time::Duration::from_secs(5))?;
+        let ifb = index(IFB)?;
+        super::set_link_up(IFB)?;
         let fd = netlink_socket()?;
         let steps = [
-            ("tbf qdisc", tbf_request(ifindex, rate, burst, limit)),
+            ("egress tbf qdisc", tbf_request(ifindex, rate, burst, limit)),
+            ("ingress tbf qdisc", tbf_request(ifb, rate, burst, limit)),
             ("ingress qdisc", ingress_request(ifindex)),
-            ("police filter", police_request(ifindex, rate, police_burst)),
+            ("ingress redirect filter", redirect_request(ifindex, ifb)),
         ];
         let result = send_all(fd, dev, &steps);
         // SAFETY: fd is ours.
@@ -1193,12 +1195,9 @@ mod netlimit {
         }
 
         #[test]
-        fn ticks_and_rate_tables() {
+        fn ticks_follow_the_rate() {
             // 1500 bytes at 1.25 MB/s (10 Mbit/s) take 1.2 ms = 18750 ticks of 64 ns.
             assert_eq!(xmit_ticks(1_250_000, 1500), 18_750);
-            let t = rate_table(1_250_000, 3);
-            assert_eq!(t.len(), 1024);
-            assert_eq!(u32::from_ne_bytes([t[0], t[1], t[2], t[3]]), xmit_ticks(1_250_000, 8));
         }
 
         #[test]
@@ -1213,7 +1212,7 @@ mod netlimit {
                     ));
                 }
                 super::super::set_link_up("lo")?;
-                // The host kernel may lack matchall/police (the guest kernel has them as
+                // The host kernel may lack matchall/mirred (the guest kernel has them as
                 // modules; the VM tests exercise that part): check the qdiscs here.
                 let fd = netlink_socket()?;
                 let steps = [
@@ -1230,7 +1229,7 @@ mod netlimit {
 
         #[test]
         fn requests_are_well_formed() {
-            for msg in [tbf_request(2, 1_250_000, 25_000, 125_000), ingress_request(2), police_request(2, 1_250_000, 25_000)] {
+            for msg in [tbf_request(2, 1_250_000, 25_000, 125_000), ingress_request(2), redirect_request(2, 3)] {
                 assert_eq!(u32::from_ne_bytes([msg[0], msg[1], msg[2], msg[3]]) as usize, msg.len());
                 assert_eq!(msg.len() % 4, 0);
             }

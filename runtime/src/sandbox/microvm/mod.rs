@@ -14,8 +14,8 @@
 //! inside the guest (an OOM kill is reported as [`ExitReason::OutOfMemory`]); vCPUs =
 //! `ceil(cpu_cores)` plus a CFS quota of `cpu_cores` on the VMM process (host cgroup, see
 //! [`hostcg`]); disk bandwidth by the VMM's block throttling on the workspace disk; network
-//! bandwidth by token-bucket qdiscs the guest init installs on the guest's NIC before the
-//! unprivileged program starts. Without `Capability::Network` the VM has no NIC at all.
+//! bandwidth by token-bucket qdiscs the guest init installs on the guest's NIC (egress) and
+//! on an IFB device its ingress is redirected to, before the unprivileged program starts. Without `Capability::Network` the VM has no NIC at all.
 //!
 //! Layout of the module: [`cpio`] (newc writer), [`image`] (kernel, modules, image cache),
 //! [`vmm`] (QEMU/Firecracker command lines), [`kvm`] (accelerator probe), [`hostcg`] (VMM
@@ -458,7 +458,7 @@ pub fn wanted_modules(vmm: Vmm, disk: bool, network: bool, net_limit: bool) -> V
     if network {
         m.push("virtio_net");
         if net_limit {
-            m.extend(["sch_tbf", "sch_ingress", "cls_matchall", "act_police"]);
+            m.extend(["sch_tbf", "sch_ingress", "cls_matchall", "act_mirred", "ifb"]);
         }
     }
     m

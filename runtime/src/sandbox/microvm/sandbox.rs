@@ -650,7 +650,7 @@ impl Supervisor {
             tracing::warn!(sandbox = %self.id, "the VM ended without reporting an exit status; console: {console}");
         }
         tracing::info!(sandbox = %self.id, reason = ?exit.reason, code = ?exit.code, signal = ?exit.signal, "microVM ended");
-        let _ = self.shared.exit_tx.send(Some(exit));
+        self.shared.exit_tx.send_replace(Some(exit));
     }
 
     fn handle(
