@@ -127,8 +127,20 @@ fn run() -> Result<Halt> {
     mount("proc", "/proc", "proc", 0, "")?;
     mount("sysfs", "/sys", "sysfs", 0, "")?;
     mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
-    mount("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777")?;
-    mount("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777")?;
+    mount(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    )?;
+    mount(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        libc::MS_NOSUID | libc::MS_NODEV,
+        "mode=1777",
+    )?;
     mount("devpts", "/dev/pts", "devpts", libc::MS_NOSUID, "mode=0620")?;
     mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, "")?;
     // The kernel's OOM killer must never pick us.
@@ -338,7 +350,9 @@ fn open_channel(params: &[(String, String)]) -> Result<Channel> {
                 });
             }
             if Instant::now() > deadline {
-                return Err(format!("virtio-serial port {VIRTIO_PORT_NAME} did not appear"));
+                return Err(format!(
+                    "virtio-serial port {VIRTIO_PORT_NAME} did not appear"
+                ));
             }
             thread::sleep(Duration::from_millis(2));
         },
@@ -631,8 +645,9 @@ impl Reaper {
     }
 
     fn run(&self) {
-        // SAFETY: the sigset is initialised by sigemptyset; the timespec is valid.
+        // SAFETY: sigset_t is plain old data; zero is a valid value to initialise.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: set is a valid sigset_t we own.
         unsafe {
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGCHLD);
@@ -1054,7 +1069,10 @@ mod netlimit {
         qopt.extend_from_slice(&limit.to_ne_bytes());
         qopt.extend_from_slice(&xmit_ticks(rate, u64::from(burst)).to_ne_bytes());
         qopt.extend_from_slice(&0u32.to_ne_bytes()); // mtu (peak only)
-        let mut m = NlMsg::new(RTM_NEWQDISC, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL);
+        let mut m = NlMsg::new(
+            RTM_NEWQDISC,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        );
         m.tcmsg(ifindex, 0x0001_0000, TC_H_ROOT, 0)
             .attr(TCA_KIND, b"tbf\0")
             .nest(TCA_OPTIONS)
@@ -1066,7 +1084,10 @@ mod netlimit {
 
     /// The `ingress` qdisc request.
     pub fn ingress_request(ifindex: i32) -> Vec<u8> {
-        let mut m = NlMsg::new(RTM_NEWQDISC, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL);
+        let mut m = NlMsg::new(
+            RTM_NEWQDISC,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        );
         m.tcmsg(ifindex, 0xFFFF_0000, TC_H_INGRESS, 0)
             .attr(TCA_KIND, b"ingress\0");
         m.finish()
@@ -1084,7 +1105,10 @@ mod netlimit {
         mirred.extend_from_slice(&TCA_EGRESS_REDIR.to_ne_bytes()); // eaction
         mirred.extend_from_slice(&(target as u32).to_ne_bytes()); // ifindex
         let info = (1u32 << 16) | u32::from(ETH_P_ALL.to_be());
-        let mut m = NlMsg::new(RTM_NEWTFILTER, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL);
+        let mut m = NlMsg::new(
+            RTM_NEWTFILTER,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        );
         m.tcmsg(ifindex, 0, 0xFFFF_0000, info)
             .attr(TCA_KIND, b"matchall\0")
             .nest(TCA_OPTIONS)
@@ -1140,7 +1164,10 @@ mod netlimit {
         };
         let ifindex = index(dev)?;
         // The ifb module creates ifb0 when it loads.
-        super::wait_for_path(&format!("/sys/class/net/{IFB}"), std::time::Duration::from_secs(5))?;
+        super::wait_for_path(
+            &format!("/sys/class/net/{IFB}"),
+            std::time::Duration::from_secs(5),
+        )?;
         let ifb = index(IFB)?;
         super::set_link_up(IFB)?;
         let fd = netlink_socket()?;
@@ -1187,7 +1214,10 @@ mod netlimit {
             let mut m = NlMsg::new(RTM_NEWQDISC, NLM_F_REQUEST);
             m.tcmsg(2, 0, 0, 0).nest(TCA_OPTIONS).attr(1, b"abc").end();
             let b = m.finish();
-            assert_eq!(u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize, b.len());
+            assert_eq!(
+                u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize,
+                b.len()
+            );
             // header 16 + tcmsg 20, then the nest: 4 + (4 + 3 + 1 pad)
             assert_eq!(b.len(), 16 + 20 + 12);
             assert_eq!(u16::from_ne_bytes([b[36], b[37]]), 12);
@@ -1224,13 +1254,23 @@ mod netlimit {
                 unsafe { libc::close(fd) };
                 r
             });
-            handle.join().expect("thread").expect("tbf and ingress qdiscs accepted");
+            handle
+                .join()
+                .expect("thread")
+                .expect("tbf and ingress qdiscs accepted");
         }
 
         #[test]
         fn requests_are_well_formed() {
-            for msg in [tbf_request(2, 1_250_000, 25_000, 125_000), ingress_request(2), redirect_request(2, 3)] {
-                assert_eq!(u32::from_ne_bytes([msg[0], msg[1], msg[2], msg[3]]) as usize, msg.len());
+            for msg in [
+                tbf_request(2, 1_250_000, 25_000, 125_000),
+                ingress_request(2),
+                redirect_request(2, 3),
+            ] {
+                assert_eq!(
+                    u32::from_ne_bytes([msg[0], msg[1], msg[2], msg[3]]) as usize,
+                    msg.len()
+                );
                 assert_eq!(msg.len() % 4, 0);
             }
         }

@@ -129,7 +129,10 @@ impl<'a> Decoder<'a> {
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
         if self.buf.len() < n {
-            return err(format!("truncated: need {n} bytes, have {}", self.buf.len()));
+            return err(format!(
+                "truncated: need {n} bytes, have {}",
+                self.buf.len()
+            ));
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -208,9 +211,13 @@ fn frame(tag: u8, payload: Encoder) -> Vec<u8> {
     out
 }
 
+/// One complete frame found at the start of a buffer: its tag, its payload and how many
+/// bytes of the buffer it took.
+pub type RawFrame<'a> = (u8, &'a [u8], usize);
+
 /// Splits the first complete frame off `buf`: `Ok(None)` when more bytes are needed,
 /// otherwise the tag, the payload and the number of bytes consumed.
-pub fn split_frame(buf: &[u8]) -> Result<Option<(u8, &[u8], usize)>, ProtocolError> {
+pub fn split_frame(buf: &[u8]) -> Result<Option<RawFrame<'_>>, ProtocolError> {
     if buf.len() < 4 {
         return Ok(None);
     }

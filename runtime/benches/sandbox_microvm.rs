@@ -66,23 +66,42 @@ async fn main() {
     let mut agent = Vec::new();
     let mut create = Vec::new();
     for _ in 0..iters {
-        let b = kvm::bare_boot(&qemu, &kernel, &initrd, accel, vm_memory, Duration::from_secs(120))
-            .await
-            .expect("bare boot");
+        let b = kvm::bare_boot(
+            &qemu,
+            &kernel,
+            &initrd,
+            accel,
+            vm_memory,
+            Duration::from_secs(120),
+        )
+        .await
+        .expect("bare boot");
         bare.push(b.first_line);
         let (c, first) = agent_boot(&backend, &spec).await;
         create.push(c);
         agent.push(first);
     }
     let (b, a, c) = (median(&mut bare), median(&mut agent), median(&mut create));
-    println!("sandbox_microvm: backend {} ({})", info.backend, info.details);
+    println!(
+        "sandbox_microvm: backend {} ({})",
+        info.backend, info.details
+    );
     for w in &info.warnings {
         println!("sandbox_microvm: warning: {w}");
     }
     println!("sandbox_microvm: accelerator {accel}, guest RAM {vm_memory} MiB, {iters} iterations (medians)");
-    println!("sandbox_microvm: bare QEMU boot -> first line      {:8.1} ms", ms(b));
-    println!("sandbox_microvm: agent start() -> first output    {:8.1} ms", ms(a));
-    println!("sandbox_microvm: create() with cached image       {:8.1} ms", ms(c));
+    println!(
+        "sandbox_microvm: bare QEMU boot -> first line      {:8.1} ms",
+        ms(b)
+    );
+    println!(
+        "sandbox_microvm: agent start() -> first output    {:8.1} ms",
+        ms(a)
+    );
+    println!(
+        "sandbox_microvm: create() with cached image       {:8.1} ms",
+        ms(c)
+    );
     println!(
         "sandbox_microvm: ratio agent/bare {:.3}x (target <= 1.2x)",
         a.as_secs_f64() / b.as_secs_f64()
@@ -96,7 +115,11 @@ async fn agent_boot(backend: &MicrovmBackend, spec: &SandboxSpec) -> (Duration, 
     let sb = backend.create(spec.clone()).await.expect("create");
     let create = t.elapsed();
     let t = Instant::now();
-    let SandboxStdio { stdin, mut stdout, stderr: _e } = sb.start().await.expect("start");
+    let SandboxStdio {
+        stdin,
+        mut stdout,
+        stderr: _e,
+    } = sb.start().await.expect("start");
     drop(stdin);
     let mut byte = [0u8; 1];
     let n = stdout.read(&mut byte).await.expect("read");

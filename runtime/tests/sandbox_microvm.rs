@@ -23,7 +23,10 @@ fn env() -> Env {
 }
 
 fn logging() {
-    symbiont_runtime::init_logging("symbiont_runtime=info", symbiont_runtime::config::LogFormat::Text);
+    symbiont_runtime::init_logging(
+        "symbiont_runtime=info",
+        symbiont_runtime::config::LogFormat::Text,
+    );
 }
 
 fn env_with(microvm: MicrovmConfig) -> Env {
@@ -75,9 +78,16 @@ async fn read_all(mut r: symbiont_runtime::sandbox::BoxedReader) -> String {
 }
 
 /// Runs a spec to completion and returns (stdout, stderr, exit).
-async fn run(env: &Env, spec: SandboxSpec) -> (String, String, symbiont_runtime::sandbox::SandboxExit) {
+async fn run(
+    env: &Env,
+    spec: SandboxSpec,
+) -> (String, String, symbiont_runtime::sandbox::SandboxExit) {
     let sb = create(env, spec).await;
-    let SandboxStdio { stdin, stdout, stderr } = sb.start().await.expect("start");
+    let SandboxStdio {
+        stdin,
+        stdout,
+        stderr,
+    } = sb.start().await.expect("start");
     drop(stdin);
     let (out, err) = tokio::join!(read_all(stdout), read_all(stderr));
     let exit = wait_exit(&sb).await;
@@ -88,7 +98,11 @@ async fn run(env: &Env, spec: SandboxSpec) -> (String, String, symbiont_runtime:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn program_output_and_exit_code_come_back() {
     let env = env();
-    let (out, err, exit) = run(&env, spec(&["/bin/sh", "-c", "echo hello; echo oops >&2; exit 3"])).await;
+    let (out, err, exit) = run(
+        &env,
+        spec(&["/bin/sh", "-c", "echo hello; echo oops >&2; exit 3"]),
+    )
+    .await;
     assert_eq!(out, "hello\n");
     assert_eq!(err, "oops\n");
     assert_eq!(exit.reason, ExitReason::Exited);
@@ -109,8 +123,15 @@ fn vmm_processes(id: &str) -> Vec<String> {
 
 fn assert_no_vmm(id: &str) {
     let left = vmm_processes(id);
-    assert!(left.is_empty(), "VMM processes left behind for {id}: {left:?}");
-    for d in ["/sys/fs/cgroup/cpu/symbiont", "/sys/fs/cgroup/memory/symbiont", "/sys/fs/cgroup/symbiont"] {
+    assert!(
+        left.is_empty(),
+        "VMM processes left behind for {id}: {left:?}"
+    );
+    for d in [
+        "/sys/fs/cgroup/cpu/symbiont",
+        "/sys/fs/cgroup/memory/symbiont",
+        "/sys/fs/cgroup/symbiont",
+    ] {
         let cg = std::path::Path::new(d).join(format!("microvm-{id}"));
         assert!(!cg.exists(), "cgroup {} left behind", cg.display());
     }
@@ -119,10 +140,25 @@ fn assert_no_vmm(id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stdin_reaches_the_program() {
     let env = env();
-    let sb = create(&env, spec(&["/bin/sh", "-c", "read a; read b; echo \"got:$a+$b\"; cat | wc -c"])).await;
-    let SandboxStdio { mut stdin, stdout, stderr } = sb.start().await.expect("start");
+    let sb = create(
+        &env,
+        spec(&[
+            "/bin/sh",
+            "-c",
+            "read a; read b; echo \"got:$a+$b\"; cat | wc -c",
+        ]),
+    )
+    .await;
+    let SandboxStdio {
+        mut stdin,
+        stdout,
+        stderr,
+    } = sb.start().await.expect("start");
     stdin.write_all(b"one\ntwo\n").await.expect("write");
-    stdin.write_all(&vec![b'x'; 100_000]).await.expect("write bulk");
+    stdin
+        .write_all(&vec![b'x'; 100_000])
+        .await
+        .expect("write bulk");
     stdin.shutdown().await.expect("close stdin");
     drop(stdin);
     let (out, _err) = tokio::join!(read_all(stdout), read_all(stderr));
@@ -148,7 +184,10 @@ async fn workspace_files_are_placed_and_the_program_is_unprivileged() {
     });
     let (out, err, exit) = run(&env, s).await;
     assert!(exit.success(), "{exit:?} {err}");
-    assert_eq!(out, "file contents\nscript ran\n/workspace\n1000\nwritable\nro-etc\n");
+    assert_eq!(
+        out,
+        "file contents\nscript ran\n/workspace\n1000\nwritable\nro-etc\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,11 +195,19 @@ async fn allocating_past_the_vm_memory_is_an_oom_kill() {
     let env = env();
     // The shell keeps the whole command output in memory: it grows until the guest's memory
     // cgroup (64 MiB) is full and the guest kernel's OOM killer ends the agent.
-    let mut s = spec(&["/bin/sh", "-c", "echo start; x=$(yes $(printf %01000d 0) | head -c 200000000); echo survived ${#x}"]);
+    let mut s = spec(&[
+        "/bin/sh",
+        "-c",
+        "echo start; x=$(yes $(printf %01000d 0) | head -c 200000000); echo survived ${#x}",
+    ]);
     s.limits.memory_mb = 64;
     let sb = create(&env, s).await;
     let id = sb.id().to_string();
-    let SandboxStdio { stdin, stdout, stderr } = sb.start().await.expect("start");
+    let SandboxStdio {
+        stdin,
+        stdout,
+        stderr,
+    } = sb.start().await.expect("start");
     drop(stdin);
     let (out, _err) = tokio::join!(read_all(stdout), read_all(stderr));
     let exit = wait_exit(&sb).await;
@@ -186,7 +233,9 @@ async fn without_network_the_guest_has_only_lo() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_network_the_guest_reaches_a_host_loopback_server() {
     let env = env();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let server = tokio::spawn(async move {
         let (mut conn, _) = listener.accept().await.expect("accept");
@@ -230,7 +279,11 @@ async fn timeout_kills_the_vm_and_leaves_no_qemu() {
     s.timeout = Some(Duration::from_secs(2));
     let sb = create(&env, s).await;
     let id = sb.id().to_string();
-    let SandboxStdio { stdin, stdout, stderr } = sb.start().await.expect("start");
+    let SandboxStdio {
+        stdin,
+        stdout,
+        stderr,
+    } = sb.start().await.expect("start");
     assert!(!vmm_processes(&id).is_empty(), "the VM runs under QEMU");
     let t = Instant::now();
     drop(stdin);
@@ -255,12 +308,22 @@ async fn kill_stop_and_destroy_leave_no_qemu() {
     assert_eq!(wait_exit(&sb).await.reason, ExitReason::Killed);
     sb.destroy().await.expect("destroy");
     // stop: SIGTERM reaches the program, which ends within the grace period
-    let sb = create(&env, spec(&["/bin/sh", "-c", "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 1; done"])).await;
+    let sb = create(
+        &env,
+        spec(&[
+            "/bin/sh",
+            "-c",
+            "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 1; done",
+        ]),
+    )
+    .await;
     let id = sb.id().to_string();
     let SandboxStdio { stdout, .. } = sb.start().await.expect("start");
     let mut stdout = tokio::io::BufReader::new(stdout);
     let mut line = String::new();
-    tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line).await.expect("ready");
+    tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut line)
+        .await
+        .expect("ready");
     assert_eq!(line, "ready\n");
     let exit = sb.stop(Duration::from_secs(20)).await.expect("stop");
     assert_eq!(exit.reason, ExitReason::Killed);
@@ -289,11 +352,19 @@ async fn the_image_cache_is_reused_on_the_second_start() {
     let (out, _, _) = run(&env, s.clone()).await;
     assert_eq!(out, "cached\n");
     let after_first = env.backend.cache_stats();
-    assert_eq!(after_first.misses, before.misses + 1, "first start builds the image");
+    assert_eq!(
+        after_first.misses,
+        before.misses + 1,
+        "first start builds the image"
+    );
     let (out, _, _) = run(&env, s).await;
     assert_eq!(out, "cached\n");
     let after_second = env.backend.cache_stats();
-    assert_eq!(after_second.hits, after_first.hits + 1, "second start reuses it");
+    assert_eq!(
+        after_second.hits,
+        after_first.hits + 1,
+        "second start reuses it"
+    );
     assert_eq!(after_second.misses, after_first.misses, "nothing rebuilt");
 }
 
@@ -310,14 +381,23 @@ async fn kvm_probe_decides_the_accelerator_and_warns_on_fallback() {
     let kernel = env.backend.kernel_image().await.expect("kernel");
     let initrd = env.backend.minimal_initramfs().expect("initramfs");
     let qemu = kvm::which(std::path::Path::new("qemu-system-x86_64")).expect("qemu");
-    let kvm_works = matches!(kvm::probe_kvm(&qemu, &kernel, &initrd, Duration::from_secs(5)).await, kvm::KvmProbe::Works);
+    let kvm_works = matches!(
+        kvm::probe_kvm(&qemu, &kernel, &initrd, Duration::from_secs(5)).await,
+        kvm::KvmProbe::Works
+    );
     if kvm_works {
         assert_eq!(accel, Accel::Kvm);
         assert!(info.warnings.is_empty(), "{:?}", info.warnings);
     } else {
-        assert_eq!(accel, Accel::Tcg, "KVM does not run guests here: TCG fallback");
+        assert_eq!(
+            accel,
+            Accel::Tcg,
+            "KVM does not run guests here: TCG fallback"
+        );
         assert!(
-            info.warnings.iter().any(|w| w.contains("KVM unusable") && w.contains("TCG")),
+            info.warnings
+                .iter()
+                .any(|w| w.contains("KVM unusable") && w.contains("TCG")),
             "the fallback is visible in TierInfo.warnings: {:?}",
             info.warnings
         );
@@ -335,7 +415,14 @@ async fn exec_stats_pause_and_resume_act_on_the_running_vm() {
     let id = sb.id().to_string();
     let _io = sb.start().await.expect("start");
     let out = sb
-        .exec(&["/bin/sh".into(), "-c".into(), "echo exec-ok; id -u; echo err >&2; exit 4".into()], Duration::from_secs(20))
+        .exec(
+            &[
+                "/bin/sh".into(),
+                "-c".into(),
+                "echo exec-ok; id -u; echo err >&2; exit 4".into(),
+            ],
+            Duration::from_secs(20),
+        )
         .await
         .expect("exec");
     assert_eq!(out.code, 4);
@@ -344,8 +431,14 @@ async fn exec_stats_pause_and_resume_act_on_the_running_vm() {
     let stats = sb.stats().await.expect("stats");
     assert!(stats.memory_bytes > 0, "{stats:?}");
     assert!(stats.cpu_usage_ns > 0, "{stats:?}");
-    assert!(stats.pids >= 1, "the program is in the agent cgroup: {stats:?}");
-    assert!(stats.disk_write_bytes > 0 || stats.disk_read_bytes > 0, "workspace disk counters from QMP: {stats:?}");
+    assert!(
+        stats.pids >= 1,
+        "the program is in the agent cgroup: {stats:?}"
+    );
+    assert!(
+        stats.disk_write_bytes > 0 || stats.disk_read_bytes > 0,
+        "workspace disk counters from QMP: {stats:?}"
+    );
     sb.pause().await.expect("pause");
     let cpu_paused_a = sb.stats().await.expect("stats").cpu_usage_ns;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -356,7 +449,13 @@ async fn exec_stats_pause_and_resume_act_on_the_running_vm() {
         (cpu_paused_b - cpu_paused_a) / 1_000_000
     );
     sb.resume().await.expect("resume");
-    let out = sb.exec(&["/bin/echo".into(), "after-resume".into()], Duration::from_secs(20)).await.expect("exec");
+    let out = sb
+        .exec(
+            &["/bin/echo".into(), "after-resume".into()],
+            Duration::from_secs(20),
+        )
+        .await
+        .expect("exec");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "after-resume\n");
     sb.destroy().await.expect("destroy");
     assert_no_vmm(&id);
@@ -374,7 +473,10 @@ async fn missing_guest_init_is_a_clear_sandbox_001() {
     };
     assert_eq!(err.code(), "SANDBOX_001");
     let msg = err.to_string();
-    assert!(msg.contains("cargo build -p symbiont-guest") && msg.contains("crt-static"), "{msg}");
+    assert!(
+        msg.contains("cargo build -p symbiont-guest") && msg.contains("crt-static"),
+        "{msg}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -388,7 +490,6 @@ async fn a_missing_program_fails_start_with_the_reason() {
     assert_no_vmm(&id);
     sb.destroy().await.expect("destroy");
 }
-
 
 /// Starts a long-running program and returns the sandbox (for measurements via exec/stats).
 async fn idle_vm(env: &Env, s: SandboxSpec) -> (Arc<dyn Sandbox>, SandboxStdio) {
@@ -407,7 +508,11 @@ async fn direct_io_disk_writes_stay_within_the_limit() {
     let t = Instant::now();
     let out = sb
         .exec(
-            &["/bin/sh".into(), "-c".into(), "dd if=/dev/zero of=/workspace/blob bs=1048576 count=16 oflag=direct 2>&1".into()],
+            &[
+                "/bin/sh".into(),
+                "-c".into(),
+                "dd if=/dev/zero of=/workspace/blob bs=1048576 count=16 oflag=direct 2>&1".into(),
+            ],
             Duration::from_secs(120),
         )
         .await
@@ -415,11 +520,23 @@ async fn direct_io_disk_writes_stay_within_the_limit() {
     let secs = t.elapsed().as_secs_f64();
     assert_eq!(out.code, 0, "{}", String::from_utf8_lossy(&out.stdout));
     let rate = bytes as f64 / secs / 1e6;
-    eprintln!("disk: {bytes} bytes in {secs:.2}s = {rate:.2} MB/s (limit 4): {}", String::from_utf8_lossy(&out.stdout).trim());
-    assert!(rate <= 4.0 * 1.2, "direct writes at {rate:.2} MB/s exceed 4 MB/s + 20%");
-    assert!(rate >= 4.0 * 0.4, "writes at {rate:.2} MB/s: far below the limit, the measurement says nothing");
+    eprintln!(
+        "disk: {bytes} bytes in {secs:.2}s = {rate:.2} MB/s (limit 4): {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    assert!(
+        rate <= 4.0 * 1.2,
+        "direct writes at {rate:.2} MB/s exceed 4 MB/s + 20%"
+    );
+    assert!(
+        rate >= 4.0 * 0.4,
+        "writes at {rate:.2} MB/s: far below the limit, the measurement says nothing"
+    );
     let stats = sb.stats().await.expect("stats");
-    assert!(stats.disk_write_bytes >= bytes, "QMP block stats count the writes: {stats:?}");
+    assert!(
+        stats.disk_write_bytes >= bytes,
+        "QMP block stats count the writes: {stats:?}"
+    );
     sb.destroy().await.expect("destroy");
 }
 
@@ -430,7 +547,9 @@ async fn network_throughput_stays_within_the_limit_both_ways() {
     // here), so an unenforced limit would show.
     let bytes = 1_500_000usize;
     // Upload: the guest sends to a host loopback server, which times the transfer.
-    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let up = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let up_port = up.local_addr().expect("addr").port();
     let upload = tokio::spawn(async move {
         let (mut conn, _) = up.accept().await.expect("accept");
@@ -448,7 +567,9 @@ async fn network_throughput_stays_within_the_limit_both_ways() {
         (total, first.map(|f| f.elapsed()).unwrap_or_default())
     });
     // Download: the host sends; the guest counts and reports when it has everything.
-    let down = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let down = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let down_port = down.local_addr().expect("addr").port();
     let mut s = spec(&["/bin/sh", "-c", &format!(
         "head -c {bytes} /dev/zero | nc $SYMBIONT_HOST_ADDR {up_port}; echo uploaded; nc $SYMBIONT_HOST_ADDR {down_port} | wc -c"
@@ -456,12 +577,19 @@ async fn network_throughput_stays_within_the_limit_both_ways() {
     s.capabilities.push(Capability::Network);
     s.limits.network_io_mbps = 2;
     let sb = create(&env, s).await;
-    let SandboxStdio { stdin, stdout, stderr: _stderr } = sb.start().await.expect("start");
+    let SandboxStdio {
+        stdin,
+        stdout,
+        stderr: _stderr,
+    } = sb.start().await.expect("start");
     drop(stdin);
     let (up_total, up_time) = upload.await.expect("upload");
     let up_rate = up_total as f64 * 8.0 / up_time.as_secs_f64() / 1e6;
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-    assert_eq!(lines.next_line().await.expect("read").as_deref(), Some("uploaded"));
+    assert_eq!(
+        lines.next_line().await.expect("read").as_deref(),
+        Some("uploaded")
+    );
     let (mut conn, _) = down.accept().await.expect("accept");
     let t = Instant::now();
     let payload = vec![7u8; bytes];
@@ -473,8 +601,14 @@ async fn network_throughput_stays_within_the_limit_both_ways() {
     eprintln!("net: up {up_total} B in {up_time:?} = {up_rate:.2} Mb/s; down {received} B in {down_time:?} = {down_rate:.2} Mb/s (limit 2)");
     assert_eq!(up_total, bytes);
     assert_eq!(received.trim(), bytes.to_string());
-    assert!(up_rate <= 2.0 * 1.2, "upload at {up_rate:.2} Mb/s exceeds 2 Mb/s + 20%");
-    assert!(down_rate <= 2.0 * 1.2, "download at {down_rate:.2} Mb/s exceeds 2 Mb/s + 20%");
+    assert!(
+        up_rate <= 2.0 * 1.2,
+        "upload at {up_rate:.2} Mb/s exceeds 2 Mb/s + 20%"
+    );
+    assert!(
+        down_rate <= 2.0 * 1.2,
+        "download at {down_rate:.2} Mb/s exceeds 2 Mb/s + 20%"
+    );
     assert!(
         up_rate >= 2.0 * 0.4 && down_rate >= 2.0 * 0.4,
         "shaping (not dropping) keeps TCP near the rate: up {up_rate:.2}, down {down_rate:.2} Mb/s"
@@ -497,7 +631,8 @@ async fn the_vmm_gets_no_more_cpu_than_its_share() {
     let b = sb.stats().await.expect("stats").cpu_usage_ns;
     let cores = (b - a) as f64 / 1e9 / t.elapsed().as_secs_f64();
     // The quota sits on the VMM's host cgroup (v1 here, v2 elsewhere).
-    let v1 = std::path::Path::new("/sys/fs/cgroup/cpu/symbiont").join(format!("microvm-{}", sb.id()));
+    let v1 =
+        std::path::Path::new("/sys/fs/cgroup/cpu/symbiont").join(format!("microvm-{}", sb.id()));
     let v2 = std::path::Path::new("/sys/fs/cgroup/symbiont").join(format!("microvm-{}", sb.id()));
     let (quota, cpu_stat) = if v1.exists() {
         (
@@ -510,8 +645,15 @@ async fn the_vmm_gets_no_more_cpu_than_its_share() {
             std::fs::read_to_string(v2.join("cpu.stat")).expect("cpu.stat"),
         )
     };
-    eprintln!("cpu: the VMM used {cores:.2} cores (limit 0.5); quota {}; {}", quota.trim(), cpu_stat.replace('\n', " "));
-    assert!(quota.trim().starts_with("50000"), "quota of 0.5 cores: {quota}");
+    eprintln!(
+        "cpu: the VMM used {cores:.2} cores (limit 0.5); quota {}; {}",
+        quota.trim(),
+        cpu_stat.replace('\n', " ")
+    );
+    assert!(
+        quota.trim().starts_with("50000"),
+        "quota of 0.5 cores: {quota}"
+    );
     assert!(cores <= 0.5 * 1.2, "{cores:.2} cores exceeds 0.5 + 20%");
     sb.destroy().await.expect("destroy");
 }
@@ -522,7 +664,11 @@ async fn wait_after_the_vm_has_ended_returns_the_exit() {
     // published, and a later wait() hung.
     let env = env();
     let sb = create(&env, spec(&["/bin/sh", "-c", "exit 5"])).await;
-    let SandboxStdio { stdin, stdout, stderr } = sb.start().await.expect("start");
+    let SandboxStdio {
+        stdin,
+        stdout,
+        stderr,
+    } = sb.start().await.expect("start");
     drop(stdin);
     let _ = tokio::join!(read_all(stdout), read_all(stderr));
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -532,4 +678,3 @@ async fn wait_after_the_vm_has_ended_returns_the_exit() {
     assert_eq!(first, second, "every caller gets the same exit");
     sb.destroy().await.expect("destroy");
 }
-

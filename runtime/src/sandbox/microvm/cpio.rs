@@ -120,22 +120,31 @@ impl CpioWriter {
 mod tests {
     use super::*;
 
+    /// (name, mode, data, (rdev major, rdev minor)) of one entry.
+    type Entry = (String, u32, Vec<u8>, (u32, u32));
+
     /// A minimal newc reader used to check the writer.
-    fn parse(buf: &[u8]) -> Vec<(String, u32, Vec<u8>, (u32, u32))> {
+    fn parse(buf: &[u8]) -> Vec<Entry> {
         let mut out = Vec::new();
         let mut pos = 0;
         loop {
             assert_eq!(&buf[pos..pos + 6], b"070701", "magic at {pos}");
             let field = |i: usize| {
-                let s = std::str::from_utf8(&buf[pos + 6 + i * 8..pos + 14 + i * 8]).expect("ascii");
+                let s =
+                    std::str::from_utf8(&buf[pos + 6 + i * 8..pos + 14 + i * 8]).expect("ascii");
                 u32::from_str_radix(s, 16).expect("hex")
             };
-            let (mode, size, rmaj, rmin, namesize) = (field(1), field(6), field(9), field(10), field(11));
+            let (mode, size, rmaj, rmin, namesize) =
+                (field(1), field(6), field(9), field(10), field(11));
             let name_start = pos + 110;
             let name = std::str::from_utf8(&buf[name_start..name_start + namesize as usize - 1])
                 .expect("name")
                 .to_string();
-            assert_eq!(buf[name_start + namesize as usize - 1], 0, "name is NUL-terminated");
+            assert_eq!(
+                buf[name_start + namesize as usize - 1],
+                0,
+                "name is NUL-terminated"
+            );
             let data_start = (name_start + namesize as usize).div_ceil(4) * 4;
             let data = buf[data_start..data_start + size as usize].to_vec();
             pos = (data_start + size as usize).div_ceil(4) * 4;

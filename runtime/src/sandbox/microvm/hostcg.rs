@@ -56,21 +56,29 @@ pub struct HostCgroup {
 }
 
 fn write(path: &Path, value: &str) -> Result<(), SandboxError> {
-    std::fs::write(path, value)
-        .map_err(|e| SandboxError::op("cgroup setup", format!("write {value} to {}: {e}", path.display())))
+    std::fs::write(path, value).map_err(|e| {
+        SandboxError::op(
+            "cgroup setup",
+            format!("write {value} to {}: {e}", path.display()),
+        )
+    })
 }
 
 impl HostCgroup {
     /// Creates `symbiont/<name>` with the CPU quota and memory ceiling.
     pub fn create(name: &str, cpu_cores: f64, memory_bytes: u64) -> Result<Self, SandboxError> {
         let layout = Layout::detect().ok_or_else(|| {
-            SandboxError::op("cgroup setup", "no usable cgroup v1 cpu/memory or cgroup v2 hierarchy")
+            SandboxError::op(
+                "cgroup setup",
+                "no usable cgroup v1 cpu/memory or cgroup v2 hierarchy",
+            )
         })?;
         let dirs = match &layout {
             Layout::V2(root) => {
                 let parent = root.join("symbiont");
-                std::fs::create_dir_all(&parent)
-                    .map_err(|e| SandboxError::op("cgroup setup", format!("{}: {e}", parent.display())))?;
+                std::fs::create_dir_all(&parent).map_err(|e| {
+                    SandboxError::op("cgroup setup", format!("{}: {e}", parent.display()))
+                })?;
                 for ctl in ["+cpu", "+memory"] {
                     let _ = std::fs::write(root.join("cgroup.subtree_control"), ctl);
                     let _ = std::fs::write(parent.join("cgroup.subtree_control"), ctl);
@@ -78,7 +86,10 @@ impl HostCgroup {
                 vec![parent.join(name)]
             }
             Layout::V1 { cpu, memory } => {
-                vec![cpu.join("symbiont").join(name), memory.join("symbiont").join(name)]
+                vec![
+                    cpu.join("symbiont").join(name),
+                    memory.join("symbiont").join(name),
+                ]
             }
         };
         for d in &dirs {
@@ -86,7 +97,10 @@ impl HostCgroup {
                 .map_err(|e| SandboxError::op("cgroup setup", format!("{}: {e}", d.display())))?;
         }
         let cg = Self { layout, dirs };
-        if let Err(e) = cg.set_cpu(cpu_cores).and_then(|_| cg.set_memory(memory_bytes)) {
+        if let Err(e) = cg
+            .set_cpu(cpu_cores)
+            .and_then(|_| cg.set_memory(memory_bytes))
+        {
             cg.remove_now();
             return Err(e);
         }
@@ -105,9 +119,15 @@ impl HostCgroup {
     pub fn set_cpu(&self, cores: f64) -> Result<(), SandboxError> {
         let quota = cpu_quota_us(cores);
         match &self.layout {
-            Layout::V2(_) => write(&self.dirs[0].join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}")),
+            Layout::V2(_) => write(
+                &self.dirs[0].join("cpu.max"),
+                &format!("{quota} {CPU_PERIOD_US}"),
+            ),
             Layout::V1 { .. } => {
-                write(&self.dirs[0].join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                write(
+                    &self.dirs[0].join("cpu.cfs_period_us"),
+                    &CPU_PERIOD_US.to_string(),
+                )?;
                 write(&self.dirs[0].join("cpu.cfs_quota_us"), &quota.to_string())
             }
         }
@@ -116,7 +136,10 @@ impl HostCgroup {
     fn set_memory(&self, bytes: u64) -> Result<(), SandboxError> {
         match &self.layout {
             Layout::V2(_) => write(&self.dirs[0].join("memory.max"), &bytes.to_string()),
-            Layout::V1 { .. } => write(&self.dirs[1].join("memory.limit_in_bytes"), &bytes.to_string()),
+            Layout::V1 { .. } => write(
+                &self.dirs[1].join("memory.limit_in_bytes"),
+                &bytes.to_string(),
+            ),
         }
     }
 

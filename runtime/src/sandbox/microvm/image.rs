@@ -56,7 +56,12 @@ impl GuestKernel {
                    [sandbox.microvm] kernel_dir";
         let boot = dir.join("boot");
         let mut found: Vec<(String, PathBuf)> = fs::read_dir(&boot)
-            .map_err(|e| unavailable(format!("guest kernel not found in {}: {e}; {how}", boot.display())))?
+            .map_err(|e| {
+                unavailable(format!(
+                    "guest kernel not found in {}: {e}; {how}",
+                    boot.display()
+                ))
+            })?
             .flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().to_string();
@@ -77,7 +82,10 @@ impl GuestKernel {
         }
         let image = image.map(Path::to_path_buf).unwrap_or(default_image);
         if !image.is_file() {
-            return Err(unavailable(format!("kernel image {} missing; {how}", image.display())));
+            return Err(unavailable(format!(
+                "kernel image {} missing; {how}",
+                image.display()
+            )));
         }
         Ok(Self {
             image,
@@ -149,7 +157,13 @@ impl ModuleIndex {
         let mut done = HashSet::new();
         let mut visiting = HashSet::new();
         for name in wanted {
-            self.visit(&normalize(name), deps_of, &mut order, &mut done, &mut visiting)?;
+            self.visit(
+                &normalize(name),
+                deps_of,
+                &mut order,
+                &mut done,
+                &mut visiting,
+            )?;
         }
         Ok(order)
     }
@@ -288,7 +302,16 @@ pub fn build_base(inputs: &BaseInputs) -> Result<Vec<u8>, SandboxError> {
         fs::read(p).map_err(|e| unavailable(format!("cannot read {}: {e}", p.display())))
     };
     let mut w = CpioWriter::new();
-    for d in ["dev", "proc", "sys", "tmp", "run", "workspace", "root", "etc/symbiont"] {
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "run",
+        "workspace",
+        "root",
+        "etc/symbiont",
+    ] {
         w.dir(d, if d == "tmp" { 0o1777 } else { 0o755 });
     }
     w.char_dev("dev/console", 0o600, 5, 1);
@@ -459,7 +482,10 @@ impl ImageCache {
         };
         if let Err(e) = write() {
             let _ = fs::remove_file(&tmp);
-            return Err(SandboxError::op("image cache", format!("{}: {e}", path.display())));
+            return Err(SandboxError::op(
+                "image cache",
+                format!("{}: {e}", path.display()),
+            ));
         }
         self.evict(&path);
         Ok(BuiltImage {
@@ -501,10 +527,16 @@ mod tests {
 
     #[test]
     fn resolve_orders_dependencies_first_and_skips_builtins() {
-        let paths: HashMap<String, PathBuf> = ["virtio", "virtio_ring", "virtio_mmio", "virtio_console", "failover"]
-            .iter()
-            .map(|n| (n.to_string(), PathBuf::from(format!("/m/{n}.ko"))))
-            .collect();
+        let paths: HashMap<String, PathBuf> = [
+            "virtio",
+            "virtio_ring",
+            "virtio_mmio",
+            "virtio_console",
+            "failover",
+        ]
+        .iter()
+        .map(|n| (n.to_string(), PathBuf::from(format!("/m/{n}.ko"))))
+        .collect();
         let builtin: HashSet<String> = ["ext4".to_string()].into_iter().collect();
         let idx = ModuleIndex::from_parts(paths, builtin);
         let deps = |p: &Path| -> Result<Vec<String>, SandboxError> {
@@ -521,7 +553,10 @@ mod tests {
             .into_iter()
             .map(|(n, _)| n)
             .collect();
-        assert_eq!(order, ["virtio_ring", "virtio", "virtio_mmio", "virtio_console"]);
+        assert_eq!(
+            order,
+            ["virtio_ring", "virtio", "virtio_mmio", "virtio_console"]
+        );
         let err = idx.resolve(&["nope"], &deps).expect_err("missing module");
         assert_eq!(err.code(), "SANDBOX_001");
     }

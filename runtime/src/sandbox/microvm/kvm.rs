@@ -51,7 +51,10 @@ pub enum KvmProbe {
 
 /// The accelerator to use and a warning for the operator, from the mode and the probe.
 /// `probe` is only consulted for `Auto` and `Kvm`.
-pub fn decide(mode: AccelMode, probe: Option<&KvmProbe>) -> Result<(Accel, Option<String>), String> {
+pub fn decide(
+    mode: AccelMode,
+    probe: Option<&KvmProbe>,
+) -> Result<(Accel, Option<String>), String> {
     match (mode, probe) {
         (AccelMode::Tcg, _) => Ok((Accel::Tcg, None)),
         (_, Some(KvmProbe::Works)) => Ok((Accel::Kvm, None)),
@@ -103,7 +106,8 @@ pub fn minimal_initramfs(busybox: &Path) -> Result<Vec<u8>, SandboxError> {
             .as_bytes(),
     );
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    std::io::Write::write_all(&mut enc, &w.finish()).map_err(|e| SandboxError::op("initramfs", e))?;
+    std::io::Write::write_all(&mut enc, &w.finish())
+        .map_err(|e| SandboxError::op("initramfs", e))?;
     enc.finish().map_err(|e| SandboxError::op("initramfs", e))
 }
 
@@ -235,12 +239,7 @@ pub async fn bare_boot(
 }
 
 /// Probes KVM: checks `/dev/kvm`, then boots a test guest under it.
-pub async fn probe_kvm(
-    qemu: &Path,
-    kernel: &Path,
-    initrd: &Path,
-    timeout: Duration,
-) -> KvmProbe {
+pub async fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path, timeout: Duration) -> KvmProbe {
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -320,16 +319,26 @@ mod tests {
 
     #[test]
     fn auto_uses_kvm_only_when_a_guest_ran() {
-        assert_eq!(decide(AccelMode::Auto, Some(&KvmProbe::Works)), Ok((Accel::Kvm, None)));
-        let (accel, warning) =
-            decide(AccelMode::Auto, Some(&KvmProbe::GuestFailed("no output within 5s".into())))
-                .expect("falls back");
+        assert_eq!(
+            decide(AccelMode::Auto, Some(&KvmProbe::Works)),
+            Ok((Accel::Kvm, None))
+        );
+        let (accel, warning) = decide(
+            AccelMode::Auto,
+            Some(&KvmProbe::GuestFailed("no output within 5s".into())),
+        )
+        .expect("falls back");
         assert_eq!(accel, Accel::Tcg);
         let warning = warning.expect("a warning");
-        assert!(warning.contains("KVM unusable") && warning.contains("TCG"), "{warning}");
-        let (accel, warning) =
-            decide(AccelMode::Auto, Some(&KvmProbe::NoDevice("No such file".into())))
-                .expect("falls back");
+        assert!(
+            warning.contains("KVM unusable") && warning.contains("TCG"),
+            "{warning}"
+        );
+        let (accel, warning) = decide(
+            AccelMode::Auto,
+            Some(&KvmProbe::NoDevice("No such file".into())),
+        )
+        .expect("falls back");
         assert_eq!(accel, Accel::Tcg);
         assert!(warning.expect("warning").contains("/dev/kvm"));
     }
@@ -341,7 +350,10 @@ mod tests {
             decide(AccelMode::Tcg, Some(&KvmProbe::Works)),
             Ok((Accel::Tcg, None))
         );
-        assert_eq!(decide(AccelMode::Kvm, Some(&KvmProbe::Works)), Ok((Accel::Kvm, None)));
+        assert_eq!(
+            decide(AccelMode::Kvm, Some(&KvmProbe::Works)),
+            Ok((Accel::Kvm, None))
+        );
         let err = decide(AccelMode::Kvm, Some(&KvmProbe::GuestFailed("hang".into())))
             .expect_err("kvm demanded but broken");
         assert!(err.contains("accel = \"kvm\""));
@@ -353,8 +365,15 @@ mod tests {
         let file = dir.path().join("sub/kvm-probe.json");
         assert_eq!(read_cached(&file, "k1"), None);
         write_cached(&file, "k1", &KvmProbe::GuestFailed("hang".into()));
-        assert_eq!(read_cached(&file, "k1"), Some(KvmProbe::GuestFailed("hang".into())));
-        assert_eq!(read_cached(&file, "k2"), None, "another host/QEMU re-probes");
+        assert_eq!(
+            read_cached(&file, "k1"),
+            Some(KvmProbe::GuestFailed("hang".into()))
+        );
+        assert_eq!(
+            read_cached(&file, "k2"),
+            None,
+            "another host/QEMU re-probes"
+        );
     }
 
     #[test]

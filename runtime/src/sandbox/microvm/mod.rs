@@ -36,8 +36,7 @@ use tokio::sync::OnceCell;
 
 use crate::config::{ConfigIssue, Validate};
 use crate::sandbox::{
-    EnforcementSupport, Sandbox, SandboxBackend, SandboxConfig, SandboxError, SandboxSpec,
-    TierInfo,
+    EnforcementSupport, Sandbox, SandboxBackend, SandboxConfig, SandboxError, SandboxSpec, TierInfo,
 };
 use crate::types::{Capability, SecurityTier};
 
@@ -161,7 +160,10 @@ impl Validate for MicrovmConfig {
             ));
         }
         if self.boot_timeout.is_zero() {
-            issues.push(ConfigIssue::new(k("boot_timeout"), "must be longer than 0s"));
+            issues.push(ConfigIssue::new(
+                k("boot_timeout"),
+                "must be longer than 0s",
+            ));
         }
         if self.kvm_probe_timeout.is_zero() {
             issues.push(ConfigIssue::new(
@@ -191,6 +193,9 @@ fn unavailable(reason: impl Into<String>) -> SandboxError {
     }
 }
 
+/// Kernel modules in load order: (name, path on the host).
+type ModuleList = Vec<(String, PathBuf)>;
+
 /// What the backend found on this host (resolved once).
 #[derive(Debug)]
 pub(crate) struct HostEnv {
@@ -209,7 +214,7 @@ pub struct MicrovmBackend {
     pids_limit: u64,
     cache: Arc<ImageCache>,
     env: OnceCell<Arc<HostEnv>>,
-    resolved: parking_lot::Mutex<HashMap<Vec<&'static str>, Vec<(String, PathBuf)>>>,
+    resolved: parking_lot::Mutex<HashMap<Vec<&'static str>, ModuleList>>,
 }
 
 impl std::fmt::Debug for MicrovmBackend {
@@ -384,7 +389,8 @@ impl MicrovmBackend {
                 } else {
                     Some(self.kvm_probe(&vmm_binary, &kernel.image).await?)
                 };
-                let (accel, warning) = kvm::decide(cfg.accel, probe.as_ref()).map_err(unavailable)?;
+                let (accel, warning) =
+                    kvm::decide(cfg.accel, probe.as_ref()).map_err(unavailable)?;
                 if let Some(w) = warning {
                     tracing::warn!(tier = "microvm", "{w}");
                     warnings.push(w);
@@ -435,7 +441,11 @@ impl MicrovmBackend {
         Ok(result)
     }
 
-    fn modules_for(&self, env: &HostEnv, wanted: Vec<&'static str>) -> Result<Vec<(String, PathBuf)>, SandboxError> {
+    fn modules_for(
+        &self,
+        env: &HostEnv,
+        wanted: Vec<&'static str>,
+    ) -> Result<Vec<(String, PathBuf)>, SandboxError> {
         if let Some(found) = self.resolved.lock().get(&wanted) {
             return Ok(found.clone());
         }
@@ -458,7 +468,13 @@ pub fn wanted_modules(vmm: Vmm, disk: bool, network: bool, net_limit: bool) -> V
     if network {
         m.push("virtio_net");
         if net_limit {
-            m.extend(["sch_tbf", "sch_ingress", "cls_matchall", "act_mirred", "ifb"]);
+            m.extend([
+                "sch_tbf",
+                "sch_ingress",
+                "cls_matchall",
+                "act_mirred",
+                "ifb",
+            ]);
         }
     }
     m
@@ -474,7 +490,11 @@ pub fn guest_config(
     disk: bool,
 ) -> GuestConfig {
     let network = spec.has_capability(&Capability::Network);
-    let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut env: Vec<(String, String)> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     if network {
         env.push(("SYMBIONT_HOST_ADDR".into(), GUEST_HOST_ADDR.into()));
     }
@@ -487,7 +507,10 @@ pub fn guest_config(
         gid: uid,
         memory_limit_bytes: spec.limits.memory_bytes(),
         pids_limit,
-        modules: modules.iter().map(|(n, _)| image::guest_module_path(n)).collect(),
+        modules: modules
+            .iter()
+            .map(|(n, _)| image::guest_module_path(n))
+            .collect(),
         workspace_device: disk.then(|| "/dev/vda".to_string()),
         network: network.then(|| NetConfig {
             address: GUEST_ADDR.into(),
@@ -625,15 +648,19 @@ mod tests {
         spec.limits.network_io_mbps = 10;
         let net = guest_config(&spec, 1000, 64, &[], true);
         assert_eq!(net.network.as_ref().map(|n| n.rate_bps), Some(10_000_000));
-        assert!(net
-            .env
-            .contains(&("SYMBIONT_HOST_ADDR".to_string(), GUEST_HOST_ADDR.to_string())));
+        assert!(net.env.contains(&(
+            "SYMBIONT_HOST_ADDR".to_string(),
+            GUEST_HOST_ADDR.to_string()
+        )));
         assert_eq!(net.memory_limit_bytes, spec.limits.memory_bytes());
     }
 
     #[test]
     fn modules_follow_devices() {
-        assert_eq!(wanted_modules(Vmm::Qemu, false, false, false), ["virtio_mmio", "virtio_console"]);
+        assert_eq!(
+            wanted_modules(Vmm::Qemu, false, false, false),
+            ["virtio_mmio", "virtio_console"]
+        );
         let fc = wanted_modules(Vmm::Firecracker, true, false, false);
         assert!(fc.contains(&"vmw_vsock_virtio_transport") && fc.contains(&"virtio_blk"));
         let net = wanted_modules(Vmm::Qemu, true, true, true);

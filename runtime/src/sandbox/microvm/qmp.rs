@@ -12,7 +12,11 @@ use tokio::net::UnixStream;
 use crate::sandbox::SandboxError;
 
 /// Runs `command` with `arguments` on the QMP socket at `path`.
-pub async fn execute(path: &Path, command: &str, arguments: Option<Value>) -> Result<Value, SandboxError> {
+pub async fn execute(
+    path: &Path,
+    command: &str,
+    arguments: Option<Value>,
+) -> Result<Value, SandboxError> {
     let op = format!("qmp {command}");
     let run = async {
         let stream = UnixStream::connect(path)
@@ -102,7 +106,9 @@ mod tests {
             let (s, _) = listener.accept().await.expect("accept");
             let (r, mut w) = s.into_split();
             let mut lines = BufReader::new(r).lines();
-            w.write_all(b"{\"QMP\":{\"version\":{}}}\n").await.expect("greet");
+            w.write_all(b"{\"QMP\":{\"version\":{}}}\n")
+                .await
+                .expect("greet");
             let caps = lines.next_line().await.expect("read").expect("line");
             assert!(caps.contains("qmp_capabilities"));
             w.write_all(b"{\"return\":{}}\n").await.expect("w");

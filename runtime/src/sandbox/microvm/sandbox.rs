@@ -330,7 +330,10 @@ impl MicrovmSandbox {
         let cg = HostCgroup::create(&format!("microvm-{}", self.id), limits.cpu_cores, host_mem)?;
         *self.shared.cgroup.lock() = Some(Arc::new(cg));
         let mut child = self.vmm_command()?.spawn().map_err(|e| {
-            SandboxError::op("start", format!("cannot run {}: {e}", self.vmm_binary.display()))
+            SandboxError::op(
+                "start",
+                format!("cannot run {}: {e}", self.vmm_binary.display()),
+            )
         })?;
         let pid = child.id().unwrap_or(0);
         self.shared.vmm_pid.store(pid, Ordering::SeqCst);
@@ -382,7 +385,11 @@ impl MicrovmSandbox {
                 match stdin_pump.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if pump_tx.send(HostMsg::Stdin(buf[..n].to_vec())).await.is_err() {
+                        if pump_tx
+                            .send(HostMsg::Stdin(buf[..n].to_vec()))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -576,11 +583,19 @@ impl Supervisor {
                     // Frames the guest sent just before the VM ended (an exit status, an
                     // error) may still sit in the socket.
                     while channel_open {
-                        match tokio::time::timeout(Duration::from_millis(200), self.frames.next()).await {
+                        match tokio::time::timeout(Duration::from_millis(200), self.frames.next())
+                            .await
+                        {
                             Ok(Some(Ok(msg))) => {
                                 let mut ignore = None;
-                                self.handle(msg, &mut ignore, &mut guest_exit, &mut program_started,
-                                    &mut deadline, &mut shutdown_by);
+                                self.handle(
+                                    msg,
+                                    &mut ignore,
+                                    &mut guest_exit,
+                                    &mut program_started,
+                                    &mut deadline,
+                                    &mut shutdown_by,
+                                );
                             }
                             _ => channel_open = false,
                         }
@@ -613,8 +628,14 @@ impl Supervisor {
                     }
                 }
                 Event::Frame(Some(Ok(msg))) => {
-                    self.handle(msg, &mut pending, &mut guest_exit, &mut program_started,
-                        &mut deadline, &mut shutdown_by);
+                    self.handle(
+                        msg,
+                        &mut pending,
+                        &mut guest_exit,
+                        &mut program_started,
+                        &mut deadline,
+                        &mut shutdown_by,
+                    );
                 }
                 Event::Frame(Some(Err(e))) => {
                     tracing::warn!(sandbox = %self.id, "guest channel: {e}");
@@ -764,7 +785,10 @@ impl Sandbox for MicrovmSandbox {
         {
             let mut phase = self.phase.lock();
             if *phase != Phase::Created {
-                return Err(invalid_state(&self.id, format!("cannot start when {:?}", *phase)));
+                return Err(invalid_state(
+                    &self.id,
+                    format!("cannot start when {:?}", *phase),
+                ));
             }
             *phase = Phase::Starting;
         }
@@ -1047,20 +1071,41 @@ mod tests {
             signal: Some(9),
             oom_killed: true,
         };
-        assert_eq!(classify_exit(None, Some(oom), false, D).reason, ExitReason::OutOfMemory);
+        assert_eq!(
+            classify_exit(None, Some(oom), false, D).reason,
+            ExitReason::OutOfMemory
+        );
         let term = GuestExit {
             code: None,
             signal: Some(15),
             oom_killed: false,
         };
-        assert_eq!(classify_exit(None, Some(term), false, D).reason, ExitReason::Signaled);
+        assert_eq!(
+            classify_exit(None, Some(term), false, D).reason,
+            ExitReason::Signaled
+        );
         let stopped = classify_exit(Some(EndCause::Killed), Some(term), false, D);
-        assert_eq!((stopped.reason, stopped.signal), (ExitReason::Killed, Some(15)));
+        assert_eq!(
+            (stopped.reason, stopped.signal),
+            (ExitReason::Killed, Some(15))
+        );
         let killed = classify_exit(Some(EndCause::Killed), None, false, D);
-        assert_eq!((killed.reason, killed.signal), (ExitReason::Killed, Some(9)));
-        assert_eq!(classify_exit(Some(EndCause::Timeout), None, false, D).reason, ExitReason::Timeout);
-        assert_eq!(classify_exit(None, None, true, D).reason, ExitReason::OutOfMemory);
-        assert_eq!(classify_exit(None, None, false, D).reason, ExitReason::Signaled);
+        assert_eq!(
+            (killed.reason, killed.signal),
+            (ExitReason::Killed, Some(9))
+        );
+        assert_eq!(
+            classify_exit(Some(EndCause::Timeout), None, false, D).reason,
+            ExitReason::Timeout
+        );
+        assert_eq!(
+            classify_exit(None, None, true, D).reason,
+            ExitReason::OutOfMemory
+        );
+        assert_eq!(
+            classify_exit(None, None, false, D).reason,
+            ExitReason::Signaled
+        );
     }
 
     #[test]
@@ -1070,10 +1115,16 @@ mod tests {
         let second = GuestMsg::Started { pid: 7 }.encode();
         buf.extend_from_slice(&second[..3]);
         let mut codec = GuestCodec;
-        assert_eq!(codec.decode(&mut buf).expect("ok"), Some(GuestMsg::Stdout(b"hi".to_vec())));
+        assert_eq!(
+            codec.decode(&mut buf).expect("ok"),
+            Some(GuestMsg::Stdout(b"hi".to_vec()))
+        );
         assert_eq!(codec.decode(&mut buf).expect("ok"), None);
         buf.extend_from_slice(&second[3..]);
-        assert_eq!(codec.decode(&mut buf).expect("ok"), Some(GuestMsg::Started { pid: 7 }));
+        assert_eq!(
+            codec.decode(&mut buf).expect("ok"),
+            Some(GuestMsg::Started { pid: 7 })
+        );
         buf.extend_from_slice(&[1, 0, 0, 0, 0x55]);
         assert!(codec.decode(&mut buf).is_err());
     }

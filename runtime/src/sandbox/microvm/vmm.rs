@@ -287,7 +287,10 @@ mod tests {
         assert_eq!(window(&args, "-m"), ["320"]);
         assert_eq!(window(&args, "-smp"), ["2"]);
         assert_eq!(window(&args, "-accel"), ["tcg,tb-size=64"]);
-        assert_eq!(window(&args, "-M")[0], "microvm,x-option-roms=off,isa-serial=on,rtc=on");
+        assert_eq!(
+            window(&args, "-M")[0],
+            "microvm,x-option-roms=off,isa-serial=on,rtc=on"
+        );
         let drive = window(&args, "-drive")[0];
         assert!(drive.contains("throttling.bps-read=50000000"));
         assert!(drive.contains("throttling.bps-write=50000000"));
@@ -347,6 +350,15 @@ mod tests {
             PathBuf::from("/run/vm/ctl.sock_1024")
         );
         let args = firecracker_args(std::path::Path::new("/run/vm/fc.json"), &p);
-        assert_eq!(args, ["--no-api", "--id", "symbiont-abc", "--config-file", "/run/vm/fc.json"]);
+        assert_eq!(
+            args,
+            [
+                "--no-api",
+                "--id",
+                "symbiont-abc",
+                "--config-file",
+                "/run/vm/fc.json"
+            ]
+        );
     }
 }
