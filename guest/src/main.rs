@@ -123,8 +123,22 @@ fn param<'a>(params: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// Whether `symbiont.debug` is on the kernel command line (stage timings on the console).
+static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn stage(name: &str) {
+    if DEBUG.load(std::sync::atomic::Ordering::Relaxed) {
+        let uptime = fs::read_to_string("/proc/uptime").unwrap_or_default();
+        eprintln!(
+            "symbiont-guest: {name} at {}s",
+            uptime.split_whitespace().next().unwrap_or("?")
+        );
+    }
+}
+
 fn run() -> Result<Halt> {
     mount("proc", "/proc", "proc", 0, "")?;
+    let entered = fs::read_to_string("/proc/uptime").unwrap_or_default();
     mount("sysfs", "/sys", "sysfs", 0, "")?;
     mount("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755")?;
     mount(
@@ -148,6 +162,15 @@ fn run() -> Result<Halt> {
 
     let cmdline = fs::read_to_string("/proc/cmdline").map_err(|e| format!("/proc/cmdline: {e}"))?;
     let params = parse_cmdline(&cmdline);
+    DEBUG.store(
+        param(&params, "symbiont.debug").is_some(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    stage(&format!(
+        "entered at {}s,",
+        entered.split_whitespace().next().unwrap_or("?")
+    ));
+    stage("mounted");
     let halt = match param(&params, "symbiont.halt") {
         Some("reboot") => Halt::Reboot,
         _ => Halt::PowerOff,
@@ -158,16 +181,21 @@ fn run() -> Result<Halt> {
     for module in &cfg.modules {
         load_module(module, &params)?;
     }
+    stage("modules loaded");
     let channel = Arc::new(open_channel(&params)?);
+    stage("channel open");
     let _ = CHANNEL.set(channel.clone());
 
     // SIGCHLD is consumed by the reaper thread with sigtimedwait; block it before any thread
     // exists so every thread inherits the mask (children get an empty mask from std).
     block_sigchld()?;
 
-    setup_workspace(&cfg)?;
-    setup_network(&cfg)?;
     setup_cgroup(&cfg)?;
+    stage("cgroup ready");
+    setup_network(&cfg)?;
+    stage("network ready");
+    setup_workspace(&cfg)?;
+    stage("workspace ready");
 
     let reaper = Reaper::start();
     let confinement = Confinement::new(&cfg)?;
@@ -194,6 +222,7 @@ fn run() -> Result<Halt> {
         }
     };
     let pid = child.id();
+    stage("program started");
     channel
         .send(&GuestMsg::Started { pid })
         .map_err(|e| format!("channel: {e}"))?;

@@ -248,6 +248,35 @@ pub fn elf_section<'a>(data: &'a [u8], name: &str) -> Option<&'a [u8]> {
     None
 }
 
+/// The marker ending a signed kernel module.
+const MODULE_SIG_MAGIC: &[u8] = b"~Module signature appended~\n";
+
+/// `data` without its appended module signature (unchanged when unsigned).
+///
+/// The guest kernel would verify each signature (RSA + SHA-256) at load time, which costs
+/// tens of milliseconds per module under TCG. It adds no trust here: the host builds the
+/// image and controls the VM anyway, and the modules come from the same apt-verified Debian
+/// package as the kernel. Unsigned modules load (`CONFIG_MODULE_SIG_FORCE` is off); the guest
+/// kernel notes a taint once.
+pub fn strip_module_signature(data: &[u8]) -> &[u8] {
+    let Some(body) = data.strip_suffix(MODULE_SIG_MAGIC) else {
+        return data;
+    };
+    // struct module_signature (12 bytes) ends with the signature length, big-endian.
+    if body.len() < 12 {
+        return data;
+    }
+    let info = &body[body.len() - 12..];
+    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
+    let signer_len = info[3] as usize;
+    let key_id_len = info[4] as usize;
+    let total = 12 + sig_len + signer_len + key_id_len;
+    if total > body.len() {
+        return data;
+    }
+    &body[..body.len() - total]
+}
+
 /// Inputs of the base layer.
 #[derive(Debug, Clone)]
 pub struct BaseInputs {
@@ -337,7 +366,12 @@ pub fn build_base(inputs: &BaseInputs) -> Result<Vec<u8>, SandboxError> {
     );
     w.file("etc/hostname", 0o644, b"symbiont\n");
     for (name, path) in &inputs.modules {
-        w.file(&guest_module_path(name), 0o644, &read(path)?);
+        let data = read(path)?;
+        w.file(
+            &guest_module_path(name),
+            0o644,
+            strip_module_signature(&data),
+        );
     }
     Ok(w.finish())
 }
@@ -601,6 +635,30 @@ mod tests {
         assert_eq!(
             module_depends(&path).expect("parses"),
             ["virtio".to_string(), "virtio_ring".to_string()]
+        );
+    }
+
+    #[test]
+    fn module_signatures_are_stripped() {
+        let module = b"\x7fELF module body".to_vec();
+        let mut signed = module.clone();
+        signed.extend_from_slice(&[0xAA; 300]); // PKCS#7 blob
+        signed.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+        signed.extend_from_slice(&300u32.to_be_bytes());
+        signed.extend_from_slice(MODULE_SIG_MAGIC);
+        assert_eq!(strip_module_signature(&signed), &module[..]);
+        assert_eq!(
+            strip_module_signature(&module),
+            &module[..],
+            "unsigned: unchanged"
+        );
+        let mut bogus = module.clone();
+        bogus.extend_from_slice(&u32::MAX.to_be_bytes());
+        bogus.extend_from_slice(MODULE_SIG_MAGIC);
+        assert_eq!(
+            strip_module_signature(&bogus),
+            &bogus[..],
+            "impossible length: unchanged"
         );
     }
 

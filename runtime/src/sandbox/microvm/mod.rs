@@ -113,6 +113,9 @@ pub struct MicrovmConfig {
     pub kvm_probe_timeout: Duration,
     /// Most disk space the image cache may use, in MiB (least recently used evicted).
     pub image_cache_max_mb: u64,
+    /// Verbose guest console: all kernel messages and the guest init's stage timings go to
+    /// the sandbox's `console.log` (slower boots; for diagnosis).
+    pub guest_debug: bool,
 }
 
 impl Default for MicrovmConfig {
@@ -134,6 +137,7 @@ impl Default for MicrovmConfig {
             boot_timeout: Duration::from_secs(20),
             kvm_probe_timeout: Duration::from_secs(5),
             image_cache_max_mb: 1024,
+            guest_debug: false,
         }
     }
 }
@@ -457,13 +461,15 @@ impl MicrovmBackend {
 
 /// The kernel modules a guest needs for its channel, disk and network.
 pub fn wanted_modules(vmm: Vmm, disk: bool, network: bool, net_limit: bool) -> Vec<&'static str> {
+    // The block driver first: the disk's probe I/O then runs on the host while the guest
+    // loads the rest.
     let mut m = vec!["virtio_mmio"];
+    if disk {
+        m.push("virtio_blk");
+    }
     match vmm {
         Vmm::Qemu => m.push("virtio_console"),
         Vmm::Firecracker => m.push("vmw_vsock_virtio_transport"),
-    }
-    if disk {
-        m.push("virtio_blk");
     }
     if network {
         m.push("virtio_net");

@@ -215,7 +215,13 @@ impl MicrovmSandbox {
             console_log: run_dir.join("console.log"),
             disk,
             network: p.spec.has_capability(&Capability::Network),
-            extra_cmdline: super::kvm::accel_cmdline(p.env.accel),
+            extra_cmdline: {
+                let mut words = super::kvm::accel_cmdline(p.env.accel);
+                if p.cfg.guest_debug {
+                    words.extend(["symbiont.debug".to_string(), "loglevel=7".to_string()]);
+                }
+                words
+            },
         };
         let (exit_tx, _) = watch::channel(None);
         Ok(Arc::new(Self {
