@@ -678,3 +678,27 @@ async fn wait_after_the_vm_has_ended_returns_the_exit() {
     assert_eq!(first, second, "every caller gets the same exit");
     sb.destroy().await.expect("destroy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_dropped_without_destroy_leaves_nothing_behind() {
+    let env = env();
+    let sb = create(&env, spec(&["/bin/sleep", "600"])).await;
+    let id = sb.id().to_string();
+    let io = sb.start().await.expect("start");
+    assert!(!vmm_processes(&id).is_empty());
+    drop(io);
+    drop(sb);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let cg = std::path::Path::new("/sys/fs/cgroup/cpu/symbiont").join(format!("microvm-{id}"));
+        if vmm_processes(&id).is_empty() && !cg.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_no_vmm(&id);
+    assert!(
+        !env._state.path().join("microvm/run").join(&id).exists(),
+        "run directory removed"
+    );
+}

@@ -189,7 +189,25 @@ impl HostCgroup {
 
 impl Drop for HostCgroup {
     fn drop(&mut self) {
-        self.remove_now();
+        if self.remove_now() {
+            return;
+        }
+        // Dropped while the VMM may still be exiting (a sandbox dropped without `destroy`,
+        // a runtime shutting down): keep trying briefly off-thread so nothing is left behind.
+        let dirs = std::mem::take(&mut self.dirs);
+        let _ = std::thread::Builder::new()
+            .name("symbiont-cg-reap".into())
+            .spawn(move || {
+                for _ in 0..500 {
+                    if dirs
+                        .iter()
+                        .all(|d| !d.exists() || std::fs::remove_dir(d).is_ok())
+                    {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
     }
 }
 

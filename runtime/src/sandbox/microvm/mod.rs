@@ -560,6 +560,13 @@ impl SandboxBackend for MicrovmBackend {
 
     async fn create(&self, spec: SandboxSpec) -> Result<Arc<dyn Sandbox>, SandboxError> {
         spec.validate()?;
+        if let Some(image) = &spec.image {
+            tracing::warn!(
+                image,
+                "Tier3 ignores SandboxSpec::image: the guest root is the runtime-built busybox \
+                 initramfs plus the agent's files"
+            );
+        }
         let env = self.host_env().await?;
         let network = spec.has_capability(&Capability::Network);
         if network && env.vmm == Vmm::Firecracker {
