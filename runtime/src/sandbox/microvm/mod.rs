@@ -134,7 +134,7 @@ impl Default for MicrovmConfig {
             vmm_overhead_mb: 256,
             workspace_disk_mb: 512,
             guest_uid: 1000,
-            boot_timeout: Duration::from_secs(20),
+            boot_timeout: Duration::from_secs(60),
             kvm_probe_timeout: Duration::from_secs(5),
             image_cache_max_mb: 1024,
             guest_debug: false,
