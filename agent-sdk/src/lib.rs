@@ -65,6 +65,8 @@ pub enum Incoming {
         input: Vec<u8>,
         /// How long the runtime waits, in milliseconds.
         timeout_ms: u64,
+        /// The definition handler it runs, if any.
+        handler: Option<protocol::HandlerCall>,
     },
     /// A frame the agent sent was accepted.
     Ack {
@@ -157,10 +159,12 @@ impl<R: Read, W: Write> Agent<R, W> {
                     task_id,
                     input,
                     timeout_ms,
+                    handler,
                 } => Incoming::Task {
                     task_id,
                     input,
                     timeout_ms,
+                    handler,
                 },
                 RuntimeFrame::Ack { ref_id } => Incoming::Ack { ref_id },
                 RuntimeFrame::Error {
@@ -266,6 +270,15 @@ impl<R: Read, W: Write> Agent<R, W> {
             topic: topic.into(),
         })?;
         Ok(id)
+    }
+
+    /// Sends one result of task `task_id` (any number before its `task_result`); the
+    /// runtime routes each as the agent's definition handler says.
+    pub fn output(&mut self, task_id: &str, payload: &[u8]) -> Result<(), FrameError> {
+        self.write(&AgentFrame::Output {
+            task_id: task_id.to_string(),
+            payload: payload.to_vec(),
+        })
     }
 
     /// Reports a task's outcome.

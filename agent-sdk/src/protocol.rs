@@ -63,6 +63,25 @@ pub struct WireMessage {
     pub ttl_ms: u64,
 }
 
+/// Which handler of the agent's definition a task runs, and what triggered it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerCall {
+    /// The handler's name (`start`, `message:TOPIC`, `schedule:EXPR`, or its `as NAME`).
+    pub name: String,
+    /// What triggered it: `start`, `message` or `schedule`.
+    pub trigger: String,
+    /// For a message handler: the message's topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// For a message handler: the sender's agent id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// For a message handler: the message id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+}
+
 /// Frames the runtime writes to the agent (the agent reads them from stdin).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -90,11 +109,15 @@ pub enum RuntimeFrame {
     Task {
         /// Task id.
         task_id: String,
-        /// Task input bytes (base64 on the wire).
+        /// Task input bytes (base64 on the wire): the submitted input, or the message
+        /// payload for a message handler.
         #[serde(with = "b64")]
         input: Vec<u8>,
         /// How long the runtime waits for the result, in milliseconds.
         timeout_ms: u64,
+        /// The definition handler this task runs (absent for tasks submitted directly).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        handler: Option<HandlerCall>,
     },
     /// An agent frame with id `ref_id` was accepted (the message is queued for its recipient).
     Ack {
@@ -196,6 +219,16 @@ pub enum AgentFrame {
         id: String,
         /// Topic or pattern.
         topic: String,
+    },
+    /// One result of a running task (any number, before its `task_result`). For a
+    /// definition handler the runtime routes each as the handler says (`reply` to the
+    /// message's sender, `send` publishes on a topic).
+    Output {
+        /// Task id.
+        task_id: String,
+        /// The result bytes (base64 on the wire).
+        #[serde(with = "b64")]
+        payload: Vec<u8>,
     },
     /// The outcome of a task delivered with [`RuntimeFrame::Task`].
     TaskResult {

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use symbiont_agent::protocol::{AgentFrame, DeliveryKind, RuntimeFrame, WireMessage, WirePriority};
+use symbiont_agent::protocol::{
+    AgentFrame, DeliveryKind, HandlerCall, RuntimeFrame, WireMessage, WirePriority,
+};
 use symbiont_agent::r#async::{read_frame, write_frame};
 use symbiont_agent::{FrameError, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -68,6 +70,13 @@ pub enum BridgeEvent {
         output: Vec<u8>,
         /// Failure reason.
         error: Option<String>,
+    },
+    /// One result of a running task (an `output` frame).
+    Output {
+        /// Task id as given to [`BridgeHandle::deliver_task`].
+        task_id: String,
+        /// The result bytes.
+        payload: Vec<u8>,
     },
     /// A log line (also forwarded to `tracing`).
     Log {
@@ -128,7 +137,26 @@ impl BridgeSender {
         input: Vec<u8>,
         timeout: Duration,
     ) -> Result<(), CommunicationError> {
-        send_task(&self.frames, self.agent, task_id, input, timeout).await
+        send_task(&self.frames, self.agent, task_id, input, timeout, None).await
+    }
+
+    /// Sends a task that runs one of the agent's definition handlers.
+    pub async fn deliver_handler_task(
+        &self,
+        task_id: TaskId,
+        handler: HandlerCall,
+        input: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), CommunicationError> {
+        send_task(
+            &self.frames,
+            self.agent,
+            task_id,
+            input,
+            timeout,
+            Some(handler),
+        )
+        .await
     }
 
     /// Writes a message taken from the agent's mailbox by the runtime as a `deliver` frame
@@ -154,12 +182,14 @@ async fn send_task(
     task_id: TaskId,
     input: Vec<u8>,
     timeout: Duration,
+    handler: Option<HandlerCall>,
 ) -> Result<(), CommunicationError> {
     frames
         .send(RuntimeFrame::Task {
             task_id: task_id.to_string(),
             input,
             timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            handler,
         })
         .await
         .map_err(|_| {
@@ -181,7 +211,7 @@ impl BridgeHandle {
         input: Vec<u8>,
         timeout: Duration,
     ) -> Result<(), CommunicationError> {
-        send_task(&self.frames, self.agent, task_id, input, timeout).await
+        send_task(&self.frames, self.agent, task_id, input, timeout, None).await
     }
 
     /// A cloneable sender for tasks and messages to this agent.
@@ -570,6 +600,10 @@ async fn handle_frame(
         AgentFrame::Unsubscribe { id, topic } => {
             let r = bus.unsubscribe(agent, &topic).await;
             Some(answer(id, r))
+        }
+        AgentFrame::Output { task_id, payload } => {
+            let _ = events.send(BridgeEvent::Output { task_id, payload }).await;
+            None
         }
         AgentFrame::TaskResult {
             task_id,

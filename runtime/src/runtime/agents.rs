@@ -129,12 +129,31 @@ pub(crate) struct AgentRecord {
     pub(crate) desired_running: bool,
 }
 
-/// A task result the persistent program sent back.
+/// A task result the program sent back, with the `output` frames that preceded it.
 #[derive(Debug)]
 pub(crate) struct TaskReply {
     pub(crate) ok: bool,
     pub(crate) output: Vec<u8>,
     pub(crate) error: Option<String>,
+    pub(crate) outputs: Vec<Vec<u8>>,
+}
+
+/// A task delivered to a program, awaiting its result.
+pub(crate) struct PendingTask {
+    pub(crate) done: oneshot::Sender<TaskReply>,
+    pub(crate) outputs: Vec<Vec<u8>>,
+}
+
+/// Tasks awaiting their results, by task id.
+pub(crate) type PendingTasks = Arc<Mutex<HashMap<String, PendingTask>>>;
+
+impl PendingTask {
+    pub(crate) fn new(done: oneshot::Sender<TaskReply>) -> Self {
+        PendingTask {
+            done,
+            outputs: Vec::new(),
+        }
+    }
 }
 
 /// The runtime's per-agent state.
@@ -144,7 +163,7 @@ pub(crate) struct AgentEntry {
     /// The persistent program's bridge.
     pub(crate) bridge: Mutex<Option<BridgeSender>>,
     /// Tasks delivered to the persistent program, awaiting their results.
-    pub(crate) pending: Arc<Mutex<HashMap<String, oneshot::Sender<TaskReply>>>>,
+    pub(crate) pending: PendingTasks,
     logs: Arc<Mutex<VecDeque<LogLine>>>,
     /// The mailbox consumer.
     pub(crate) dispatcher: Mutex<Option<JoinHandle<()>>>,
@@ -464,20 +483,30 @@ pub(crate) fn spawn_stderr(
 pub(crate) fn spawn_events(
     mut handle: crate::communication::bridge::BridgeHandle,
     logs: Arc<Mutex<VecDeque<LogLine>>>,
-    pending: Arc<Mutex<HashMap<String, oneshot::Sender<TaskReply>>>>,
+    pending: PendingTasks,
     agent_id: AgentId,
 ) {
     tokio::spawn(async move {
         while let Some(event) = handle.next_event().await {
             match event {
+                BridgeEvent::Output { task_id, payload } => {
+                    if let Some(p) = pending.lock().get_mut(&task_id) {
+                        p.outputs.push(payload);
+                    }
+                }
                 BridgeEvent::TaskResult {
                     task_id,
                     ok,
                     output,
                     error,
                 } => {
-                    if let Some(tx) = pending.lock().remove(&task_id) {
-                        let _ = tx.send(TaskReply { ok, output, error });
+                    if let Some(p) = pending.lock().remove(&task_id) {
+                        let _ = p.done.send(TaskReply {
+                            ok,
+                            output,
+                            error,
+                            outputs: p.outputs,
+                        });
                     }
                 }
                 BridgeEvent::Log { level, message } => push_log(&logs, &level, message),

@@ -17,12 +17,16 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use symbiont_agent::protocol::HandlerCall;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::agents::{is_persistent, spawn_events, spawn_stderr, spec_for, AgentEntry, Recovery};
+use super::agents::{
+    is_persistent, spawn_events, spawn_stderr, spec_for, AgentEntry, PendingTask, Recovery,
+    TaskReply,
+};
 use super::{Inner, Link, Runtime};
-use crate::communication::bridge::{spawn_bridge, BridgeConfig};
+use crate::communication::bridge::{spawn_bridge, BridgeConfig, BridgeSender};
 use crate::communication::{Message, MessageKind, ReceivedMessage};
 use crate::dsl::{Handler, HandlerOutput, Trigger};
 use crate::error::RuntimeError;
@@ -97,6 +101,17 @@ impl TaskInput {
     /// The JSON bytes carried in the task frame.
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The handler description carried in the task frame (`None` for API tasks).
+    pub fn call(&self) -> Option<HandlerCall> {
+        (self.kind != "task").then(|| HandlerCall {
+            name: self.handler.clone(),
+            trigger: self.kind.clone(),
+            topic: self.topic.clone(),
+            from: self.from.map(|id| id.to_string()),
+            message_id: self.message_id.map(|id| id.to_string()),
+        })
     }
 
     /// Reads the JSON bytes back (anything else is a plain `task` payload).
@@ -275,22 +290,25 @@ impl TaskExecutor for RuntimeExecutor {
             run_in_fresh_sandbox(&inner, &entry, ctx, &input).await
         };
         finish_execution(&inner, &entry, ctx.agent_id, persistent);
-        let output = result?;
-        if let Some(compiled) = compiled {
-            if let Some(handler) = compiled.handler(&input.handler) {
+        let outputs = result?;
+        let request = entry.requests.lock().remove(&ctx.task_id);
+        if let Some(handler) = compiled.as_ref().and_then(|c| c.handler(&input.handler)) {
+            for output in &outputs {
                 route_output(
                     &inner,
-                    &entry,
                     ctx,
-                    &agent.config.priority,
+                    agent.config.priority,
                     handler,
                     &input,
-                    &output,
+                    request.as_ref(),
+                    output,
                 )
                 .await?;
             }
         }
-        Ok(TaskOutput { data: output })
+        Ok(TaskOutput {
+            data: outputs.into_iter().last().unwrap_or_default(),
+        })
     }
 
     async fn cancel(&self, ctx: &TaskContext, reason: CancelReason) -> Result<(), RuntimeError> {
@@ -347,7 +365,7 @@ async fn run_in_program(
     entry: &AgentEntry,
     ctx: &TaskContext,
     input: &TaskInput,
-) -> Result<Vec<u8>, RuntimeError> {
+) -> Result<Vec<Vec<u8>>, RuntimeError> {
     let bridge = entry
         .bridge
         .lock()
@@ -358,11 +376,11 @@ async fn run_in_program(
         })?;
     let (tx, rx) = oneshot::channel();
     let key = ctx.task_id.to_string();
-    entry.pending.lock().insert(key.clone(), tx);
-    if let Err(e) = bridge
-        .deliver_task(ctx.task_id, input.encode(), ctx.timeout)
-        .await
-    {
+    entry
+        .pending
+        .lock()
+        .insert(key.clone(), PendingTask::new(tx));
+    if let Err(e) = deliver(&bridge, ctx, input).await {
         entry.pending.lock().remove(&key);
         return Err(e.into());
     }
@@ -370,8 +388,18 @@ async fn run_in_program(
         agent: ctx.agent_id,
         reason: "its program stopped before answering".into(),
     })?;
+    reply_result(ctx, reply)
+}
+
+/// The outputs of a successful run (the `output` frames, then the result's own output when
+/// not empty), or the failure the program reported.
+fn reply_result(ctx: &TaskContext, reply: TaskReply) -> Result<Vec<Vec<u8>>, RuntimeError> {
     if reply.ok {
-        Ok(reply.output)
+        let mut outputs = reply.outputs;
+        if !reply.output.is_empty() {
+            outputs.push(reply.output);
+        }
+        Ok(outputs)
     } else {
         Err(SchedulerError::ExecutionFailed {
             task: ctx.task_id,
@@ -383,12 +411,31 @@ async fn run_in_program(
     }
 }
 
+async fn deliver(
+    bridge: &BridgeSender,
+    ctx: &TaskContext,
+    input: &TaskInput,
+) -> Result<(), crate::communication::CommunicationError> {
+    match input.call() {
+        Some(call) => {
+            bridge
+                .deliver_handler_task(ctx.task_id, call, input.payload.clone(), ctx.timeout)
+                .await
+        }
+        None => {
+            bridge
+                .deliver_task(ctx.task_id, input.payload.clone(), ctx.timeout)
+                .await
+        }
+    }
+}
+
 async fn run_in_fresh_sandbox(
     inner: &Inner,
     entry: &AgentEntry,
     ctx: &TaskContext,
     input: &TaskInput,
-) -> Result<Vec<u8>, RuntimeError> {
+) -> Result<Vec<Vec<u8>>, RuntimeError> {
     let (tier, mut spec) = spec_for(inner, ctx.agent_id)?;
     spec.timeout = Some(ctx.timeout + Duration::from_secs(1));
     let backend = inner.registry.backend(tier)?;
@@ -411,7 +458,7 @@ async fn drive_fresh_sandbox(
     ctx: &TaskContext,
     input: &TaskInput,
     sandbox: &Arc<dyn Sandbox>,
-) -> Result<Vec<u8>, RuntimeError> {
+) -> Result<Vec<Vec<u8>>, RuntimeError> {
     let stdio = sandbox.start().await?;
     *entry.sandbox_id.lock() = Some(sandbox.id().to_string());
     let _ = inner
@@ -433,11 +480,11 @@ async fn drive_fresh_sandbox(
     let sender = handle.sender();
     let pending = Arc::new(parking_lot::Mutex::new(std::collections::HashMap::new()));
     let (tx, rx) = oneshot::channel();
-    pending.lock().insert(ctx.task_id.to_string(), tx);
+    pending
+        .lock()
+        .insert(ctx.task_id.to_string(), PendingTask::new(tx));
     spawn_events(handle, logs, pending, ctx.agent_id);
-    sender
-        .deliver_task(ctx.task_id, input.encode(), ctx.timeout)
-        .await?;
+    deliver(&sender, ctx, input).await?;
     let outcome = tokio::select! {
         reply = rx => Ok(reply),
         exit = sandbox.wait() => Err(exit),
@@ -447,17 +494,7 @@ async fn drive_fresh_sandbox(
             // The program answered: end it (it may serve more frames; it gets a grace).
             drop(sender);
             let _ = sandbox.stop(Duration::from_secs(2)).await;
-            if reply.ok {
-                Ok(reply.output)
-            } else {
-                Err(SchedulerError::ExecutionFailed {
-                    task: ctx.task_id,
-                    reason: reply
-                        .error
-                        .unwrap_or_else(|| "the program reported a failure".into()),
-                }
-                .into())
-            }
+            reply_result(ctx, reply)
         }
         Ok(Err(_)) | Err(_) => {
             let exit = sandbox.wait().await?;
@@ -483,17 +520,13 @@ async fn drive_fresh_sandbox(
 
 async fn route_output(
     inner: &Inner,
-    entry: &AgentEntry,
     ctx: &TaskContext,
-    default_priority: &crate::types::Priority,
+    priority: crate::types::Priority,
     handler: &Handler,
     input: &TaskInput,
+    request: Option<&ReceivedMessage>,
     output: &[u8],
 ) -> Result<(), RuntimeError> {
-    let request = entry.requests.lock().remove(&ctx.task_id);
-    if output.is_empty() {
-        return Ok(());
-    }
     match &handler.output {
         HandlerOutput::None => Ok(()),
         HandlerOutput::Publish { topic } => {
@@ -505,7 +538,7 @@ async fn route_output(
                     to: AgentId(uuid::Uuid::nil()),
                     topic: topic.clone(),
                     payload: output.to_vec(),
-                    priority: *default_priority,
+                    priority,
                     ttl: inner.config.communication.default_ttl,
                 })
                 .await?;
@@ -513,7 +546,7 @@ async fn route_output(
         }
         HandlerOutput::Reply { topic } => {
             if let Some(request) = request.filter(|r| r.kind == MessageKind::Request) {
-                inner.bus.reply(&request, output.to_vec()).await?;
+                inner.bus.reply(request, output.to_vec()).await?;
                 return Ok(());
             }
             let Some(to) = input.from else {
@@ -527,7 +560,7 @@ async fn route_output(
                     to,
                     topic: topic.clone(),
                     payload: output.to_vec(),
-                    priority: *default_priority,
+                    priority,
                     ttl: inner.config.communication.default_ttl,
                 })
                 .await?;
