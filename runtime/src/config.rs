@@ -540,7 +540,10 @@ max_recovery_attempts = 3
         assert_eq!(line_of_key(text, "sandbox.state_dir"), Some(2));
         let text = "[sandbox]\npids_limit = 2\n";
         let err = RuntimeConfig::from_toml_str(text).expect_err("too few pids");
-        assert!(err.to_string().contains("<string>:2: sandbox.pids_limit"), "{err}");
+        assert!(
+            err.to_string().contains("<string>:2: sandbox.pids_limit"),
+            "{err}"
+        );
     }
 
     #[test]
