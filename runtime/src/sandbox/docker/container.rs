@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
+use bollard::Docker;
 use bollard::models::ExecConfig;
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, InspectContainerOptions, KillContainerOptionsBuilder,
@@ -237,22 +238,54 @@ impl ContainerSandbox {
 
 impl Drop for ContainerSandbox {
     fn drop(&mut self) {
-        // Best effort for handles dropped without `destroy()` (e.g. a panicking caller): the
-        // container and its workspace must not outlive the handle.
-        let destroyed = matches!(
-            self.inner.phase.try_lock().map(|p| *p),
-            Ok(Phase::Destroyed)
-        );
+        // A handle dropped without `destroy()` (e.g. by a panicking caller) must not leave its
+        // container or workspace behind. The caller's runtime may be shutting down (or be the
+        // current-thread runtime we are blocking), so the cleanup runs on its own thread with
+        // its own runtime and connection.
+        let destroyed = matches!(self.inner.phase.try_lock().map(|p| *p), Ok(Phase::Destroyed));
         if destroyed {
             return;
         }
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let inner = Arc::clone(&self.inner);
-            handle.spawn(async move {
-                inner.intervene(Intervention::Killed);
-                let _ = inner.remove_container().await;
-                let _ = std::fs::remove_dir_all(&inner.root);
+        let id = self.inner.id.clone();
+        let root = self.inner.root.clone();
+        let socket = self.inner.shared.docker_config.socket.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("cleanup-{id}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(runtime) = runtime {
+                    runtime.block_on(async {
+                        // API 1.41 (dockerd 20.10) is understood by every newer daemon.
+                        let docker = Docker::connect_with_socket(
+                            &socket.to_string_lossy(),
+                            30,
+                            &bollard::ClientVersion {
+                                major_version: 1,
+                                minor_version: 41,
+                            },
+                        );
+                        if let Ok(docker) = docker {
+                            let options = RemoveContainerOptionsBuilder::new()
+                                .force(true)
+                                .v(true)
+                                .build();
+                            let _ = docker.remove_container(&id, Some(options)).await;
+                        }
+                    });
+                }
+                let _ = std::fs::remove_dir_all(&root);
             });
+        // Joined so the cleanup is done when the handle is gone (it never needs the caller's
+        // runtime, so blocking here cannot deadlock).
+        match spawned {
+            Ok(thread) => {
+                let _ = thread.join();
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %self.inner.id, error = %e, "cleanup thread not started")
+            }
         }
     }
 }
@@ -621,10 +654,20 @@ impl Sandbox for ContainerSandbox {
 
     async fn pause(&self) -> Result<(), SandboxError> {
         let docker = self.inner.shared.docker().await?;
-        docker
-            .pause_container(&self.inner.id)
-            .await
-            .map_err(|e| SandboxError::op("pause container", e))
+        // runc gives up freezing a busy cgroup on a loaded host ("unable to freeze"); the
+        // freezer itself works, so try again a few times.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match docker.pause_container(&self.inner.id).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < 5 && is_status(&e, 500) => {
+                    tracing::debug!(sandbox = %self.inner.id, error = %e, attempt, "pause retry");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => return Err(SandboxError::op("pause container", e)),
+            }
+        }
     }
 
     async fn resume(&self) -> Result<(), SandboxError> {
