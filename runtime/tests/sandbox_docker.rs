@@ -19,7 +19,6 @@ static DOCKER: cases::Tier = cases::Tier {
     disk_io: true,
     fork_bomb_ends_sandbox: false,
     shows_no_new_privs: true,
-    large_uploads: true,
 };
 
 #[tokio::test]

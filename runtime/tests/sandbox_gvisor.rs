@@ -19,7 +19,6 @@ static GVISOR: cases::Tier = cases::Tier {
     disk_io: false,
     fork_bomb_ends_sandbox: true,
     shows_no_new_privs: false,
-    large_uploads: false,
 };
 
 #[tokio::test]

@@ -3,11 +3,13 @@
 # starts dockerd without systemd when it is not running and registers runsc as a Docker runtime
 # named `runsc`. Idempotent; prints each step.
 #
-# runsc flags: --platform=ptrace (KVM guests hang on this kind of machine) and --network=host:
-# the packaged runsc (20221219) refuses its own netstack on kernels that expose
-# net.core.rmem_default in every network namespace (gVisor issue #10704), so the sandbox uses
-# the host kernel's stack INSIDE the container's own network namespace (Docker's `none` or the
-# `symbiont` bridge), which keeps the isolation of that namespace. See docs/sandbox-docker.md.
+# runsc runs with --platform=ptrace (KVM guests hang on this kind of machine) through a small
+# wrapper, /usr/local/lib/symbiont/runsc: the packaged runsc (20221219) decides it is in the
+# host's network namespace when /proc/sys/net/core/rmem_default exists, which kernels >= 6.x
+# expose in every namespace (gVisor issue #10704), and then refuses its own network stack
+# (netstack). The wrapper runs runsc in a private mount namespace with /proc/sys/net hidden,
+# so the check answers correctly and sandboxes keep gVisor's netstack. See
+# docs/sandbox-docker.md.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -38,8 +40,23 @@ else
   echo "    dockerd is up"
 fi
 
-runsc_path="$(command -v runsc || echo /usr/bin/runsc)"
-echo "    registering runsc ($runsc_path --platform=ptrace --network=host) in /etc/docker/daemon.json"
+runsc_bin="$(command -v runsc || echo /usr/bin/runsc)"
+wrapper=/usr/local/lib/symbiont/runsc
+want_wrapper="#!/bin/sh
+# Installed by symbiont scripts/setup.d/20-docker.sh: runs $runsc_bin with /proc/sys/net hidden
+# in a private mount namespace, working around runsc's root-netns check (gVisor issue #10704).
+exec unshare --mount --propagation private /bin/sh -c 'mount -t tmpfs -o size=4k,mode=555 symbiont-nonet /proc/sys/net && exec $runsc_bin \"\$@\"' runsc \"\$@\""
+if [ -x "$wrapper" ] && [ "$(cat "$wrapper")" = "$want_wrapper" ]; then
+  echo "    runsc wrapper present: $wrapper"
+else
+  echo "    installing runsc wrapper $wrapper"
+  mkdir -p "$(dirname "$wrapper")"
+  printf '%s\n' "$want_wrapper" > "$wrapper.tmp"
+  chmod 755 "$wrapper.tmp"
+  mv "$wrapper.tmp" "$wrapper"
+fi
+runsc_path="$wrapper"
+echo "    registering runsc ($runsc_path --platform=ptrace) in /etc/docker/daemon.json"
 mkdir -p /etc/docker
 changed=$(python3 - "$runsc_path" <<'EOF'
 import json, os, sys
@@ -48,11 +65,12 @@ conf = {}
 if os.path.exists(path) and os.path.getsize(path) > 0:
     with open(path) as f:
         conf = json.load(f)
-want = {"path": sys.argv[1], "runtimeArgs": ["--platform=ptrace", "--network=host"]}
+want = {"path": sys.argv[1], "runtimeArgs": ["--platform=ptrace"]}
 if conf.get("runtimes", {}).get("runsc") == want:
     print("no")
     sys.exit(0)
 conf.setdefault("runtimes", {})["runsc"] = want
+conf["runtimes"].pop("runsc-exp", None)
 tmp = path + ".tmp"
 with open(tmp, "w") as f:
     json.dump(conf, f, indent=2)

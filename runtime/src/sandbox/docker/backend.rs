@@ -118,15 +118,31 @@ impl Shared {
         }
     }
 
+    /// Turns runsc's refusal of its netstack into the install hint it needs.
+    pub(crate) fn start_error(&self, e: bollard::errors::Error) -> SandboxError {
+        let text = e.to_string();
+        if text.contains("root network namespace") {
+            return SandboxError::Unavailable {
+                tier: self.flavor.tier,
+                reason: format!(
+                    "runsc refused its network stack ({text}); this runsc misdetects the host \
+                     network namespace on this kernel (gVisor issue #10704). Register it through \
+                     the wrapper that works around it: `bash scripts/setup.sh`"
+                ),
+            };
+        }
+        SandboxError::op("start container", e)
+    }
+
     fn runtime_missing(&self, runtime: &str, found: &[String]) -> SandboxError {
         SandboxError::Unavailable {
             tier: self.flavor.tier,
             reason: format!(
                 "the Docker daemon has no `{runtime}` runtime (it has: {}). Install gVisor and \
                  register it: `bash scripts/setup.sh`, or by hand `apt-get install runsc`, add \
-                 {{\"runtimes\":{{\"{runtime}\":{{\"path\":\"/usr/bin/runsc\",\"runtimeArgs\":\
-                 [\"--platform=ptrace\",\"--network=host\"]}}}}}} to /etc/docker/daemon.json \
-                 and send SIGHUP to dockerd",
+                 {{\"runtimes\":{{\"{runtime}\":{{\"path\":\"/usr/local/lib/symbiont/runsc\",\
+                 \"runtimeArgs\":[\"--platform=ptrace\"]}}}}}} to /etc/docker/daemon.json (the \
+                 wrapper is written by scripts/setup.d/20-docker.sh) and send SIGHUP to dockerd",
                 if found.is_empty() {
                     "none".to_string()
                 } else {
@@ -350,13 +366,27 @@ impl ContainerBackend {
             .map_err(|e| shared.daemon_unavailable(&e.to_string()))?;
         shared.check_runtime().await?;
         let mut warnings = Vec::new();
-        if shared.flavor.runtime.as_deref() == Some("runsc") {
-            warnings.push(
-                "runsc runs with --network=host inside each container's own network \
-                 namespace: the packaged runsc cannot use its netstack on this kernel \
-                 (gVisor issue #10704)"
-                    .to_string(),
-            );
+        if let Some(runtime) = &shared.flavor.runtime {
+            let info = docker
+                .info()
+                .await
+                .map_err(|e| shared.daemon_unavailable(&e.to_string()))?;
+            let registered = info.runtimes.and_then(|mut r| r.remove(runtime));
+            if let Some(r) = registered {
+                let args = r.runtime_args.unwrap_or_default();
+                if args.iter().any(|a| a.contains("network=host")) {
+                    warnings.push(format!(
+                        "{runtime} runs with --network=host: sandboxes use the host kernel's \
+                         network stack (inside their own namespace) instead of gVisor's netstack"
+                    ));
+                }
+                if args.iter().any(|a| a.contains("platform=kvm")) {
+                    warnings.push(format!(
+                        "{runtime} uses the KVM platform, which hangs on this kind of machine; \
+                         register it with --platform=ptrace (`bash scripts/setup.sh`)"
+                    ));
+                }
+            }
         }
         let e = shared.flavor.enforcement;
         if !e.disk_io {

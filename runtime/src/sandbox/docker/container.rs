@@ -174,8 +174,19 @@ impl Inner {
             stopped.await;
         }
         let duration = started.elapsed();
-        let (code, oom) = self.final_state().await.unwrap_or((None, false));
+        let (code, mut oom) = self.final_state().await.unwrap_or((None, false));
         let intervention = *self.intervention.lock();
+        if code == Some(137) && !oom && intervention == Intervention::None {
+            // A SIGKILL nobody here sent: the daemon may record the OOM event a moment after
+            // the exit (seen with runsc), so look again before calling it a plain signal.
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Some((_, true)) = self.final_state().await {
+                    oom = true;
+                    break;
+                }
+            }
+        }
         let exit = translate::classify_exit(code, oom, intervention, duration);
         if matches!(intervention, Intervention::Timeout | Intervention::Killed) {
             if let Err(e) = self.remove_container().await {
@@ -444,7 +455,7 @@ impl Sandbox for ContainerSandbox {
                 None::<bollard::query_parameters::StartContainerOptions>,
             )
             .await
-            .map_err(|e| SandboxError::op("start container", e))?;
+            .map_err(|e| inner.shared.start_error(e))?;
         *phase = Phase::Started;
         drop(phase);
         tokio::spawn(Arc::clone(inner).monitor(started));

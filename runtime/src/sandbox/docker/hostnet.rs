@@ -221,7 +221,9 @@ pub(crate) fn interface_by_index(sys_class_net: &Path, index: u32) -> Option<Str
 }
 
 /// `tc qdisc replace dev <dev> root tbf ...` arguments for `mbps` megabits per second.
-/// The bucket holds max(64 KiB, 50 ms of traffic) so GSO-sized packets pass.
+/// The bucket holds max(64 KiB, 50 ms of traffic) so GSO-sized packets pass; the queue holds
+/// up to 2 s of traffic, because gVisor's netstack TCP recovers poorly from tail drops (a
+/// 100 ms queue cut its uploads to ~1 Mb/s under an 8 Mb/s limit; 2 s gives ~7.7 Mb/s).
 pub(crate) fn tbf_args(dev: &str, mbps: u64) -> Vec<String> {
     let bytes_per_sec = mbps.saturating_mul(1_000_000) / 8;
     let burst = (bytes_per_sec / 20).max(64 * 1024);
@@ -237,7 +239,7 @@ pub(crate) fn tbf_args(dev: &str, mbps: u64) -> Vec<String> {
         "burst".into(),
         burst.to_string(),
         "latency".into(),
-        "100ms".into(),
+        "2000ms".into(),
     ]
 }
 
