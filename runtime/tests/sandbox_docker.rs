@@ -100,3 +100,8 @@ async fn docker_disk_write_rate_is_limited() {
 async fn docker_network_rate_is_limited() {
     cases::network_rate_is_limited(&DOCKER).await;
 }
+
+#[tokio::test]
+async fn docker_update_limits_reach_the_kernel() {
+    cases::update_limits_reach_the_kernel(&DOCKER).await;
+}

@@ -100,3 +100,8 @@ async fn gvisor_disk_write_rate_is_limited() {
 async fn gvisor_network_rate_is_limited() {
     cases::network_rate_is_limited(&GVISOR).await;
 }
+
+#[tokio::test]
+async fn gvisor_update_limits_reach_the_kernel() {
+    cases::update_limits_reach_the_kernel(&GVISOR).await;
+}

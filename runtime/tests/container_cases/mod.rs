@@ -109,7 +109,10 @@ pub async fn run_started(sandbox: &Arc<dyn Sandbox>, stdin: &[u8]) -> Finished {
     io.stdin.shutdown().await.expect("close stdin");
     let mut out = Vec::new();
     let mut err = Vec::new();
-    let (a, b) = tokio::join!(io.stdout.read_to_end(&mut out), io.stderr.read_to_end(&mut err));
+    let (a, b) = tokio::join!(
+        io.stdout.read_to_end(&mut out),
+        io.stderr.read_to_end(&mut err)
+    );
     a.expect("stdout");
     b.expect("stderr");
     let exit = sandbox.wait().await.expect("wait");
@@ -127,7 +130,10 @@ pub fn docker() -> bollard::Docker {
 /// True when the daemon still knows a container of this sandbox id.
 pub async fn container_exists(id: &str) -> bool {
     match docker()
-        .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>)
+        .inspect_container(
+            id,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
         .await
     {
         Ok(_) => true,
@@ -206,16 +212,32 @@ pub async fn workspace_files_keep_modes(tier: &'static Tier) {
         mode: 0o640,
     });
     let f = run(&env, s, b"").await;
-    assert_eq!(f.stdout, "script ran\n640 65534\npayload\n/workspace\n", "{}", f.stderr);
+    assert_eq!(
+        f.stdout, "script ran\n640 65534\npayload\n/workspace\n",
+        "{}",
+        f.stderr
+    );
     assert!(f.exit.success());
 }
 
 pub async fn memory_hog_is_oom_killed(tier: &'static Tier) {
     let env = env(tier).await;
-    let mut s = spec(&["/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=300M", "count=1"]);
+    let mut s = spec(&[
+        "/bin/dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=300M",
+        "count=1",
+    ]);
     s.limits.memory_mb = 64;
     let f = run(&env, s, b"").await;
-    assert_eq!(f.exit.reason, ExitReason::OutOfMemory, "{:?} {}", f.exit, f.stderr);
+    assert_eq!(
+        f.exit.reason,
+        ExitReason::OutOfMemory,
+        "{:?} {}",
+        f.exit,
+        f.stderr
+    );
     assert!(f.exit.is_resource_violation());
 }
 
@@ -261,7 +283,10 @@ pub async fn fork_bomb_is_contained(tier: &'static Tier) {
             stats.pids
         );
         sandbox.kill().await.expect("kill");
-        assert_eq!(sandbox.wait().await.expect("wait").reason, ExitReason::Killed);
+        assert_eq!(
+            sandbox.wait().await.expect("wait").reason,
+            ExitReason::Killed
+        );
     }
     host_is_responsive().await;
     destroy_and_check(&sandbox).await;
@@ -315,7 +340,10 @@ pub async fn busy_loop_gets_half_a_core(tier: &'static Tier) {
         );
     } else {
         println!("host saturated (reference < 0.8 cores): only the ceiling was checked");
-        assert!(limited <= reference + 0.15, "{limited:.3} vs reference {reference:.3}");
+        assert!(
+            limited <= reference + 0.15,
+            "{limited:.3} vs reference {reference:.3}"
+        );
     }
 }
 
@@ -354,12 +382,18 @@ pub async fn network_only_with_capability(tier: &'static Tier) {
     );
     assert!(denied.stdout.contains("addr=[]"), "{}", denied.stdout);
     // With Network: reachable at $SYMBIONT_HOST_ADDR.
-    let mut allowed = sh(&format!("nc -w 5 \"$SYMBIONT_HOST_ADDR\" {port} </dev/null"));
+    let mut allowed = sh(&format!(
+        "nc -w 5 \"$SYMBIONT_HOST_ADDR\" {port} </dev/null"
+    ));
     allowed.capabilities.push(Capability::Network);
     let f = run(&env, allowed, b"").await;
     assert_eq!(f.stdout, "hello-from-host\n", "stderr: {}", f.stderr);
     assert!(f.exit.success(), "{:?}", f.exit);
-    assert_eq!(server.await.expect("server"), 1, "exactly the networked run connected");
+    assert_eq!(
+        server.await.expect("server"),
+        1,
+        "exactly the networked run connected"
+    );
 }
 
 pub async fn root_is_read_only_without_filesystem(tier: &'static Tier) {
@@ -369,7 +403,10 @@ pub async fn root_is_read_only_without_filesystem(tier: &'static Tier) {
     let f = run(&env, sh(script), b"").await;
     assert!(f.stdout.contains("ws=0"), "{}", f.stdout);
     assert!(f.stdout.contains("tmp=0"), "{}", f.stdout);
-    assert!(!f.stdout.contains("var=0"), "wrote /var/tmp without FileSystem");
+    assert!(
+        !f.stdout.contains("var=0"),
+        "wrote /var/tmp without FileSystem"
+    );
     assert!(!f.stdout.contains("root=0"), "wrote / without FileSystem");
     assert!(
         f.stderr.contains("Read-only file system"),
@@ -379,7 +416,11 @@ pub async fn root_is_read_only_without_filesystem(tier: &'static Tier) {
     let mut granted = sh(script);
     granted.capabilities.push(Capability::FileSystem);
     let g = run(&env, granted, b"").await;
-    assert!(g.stdout.contains("var=0"), "FileSystem grants a writable root: {}", g.stdout);
+    assert!(
+        g.stdout.contains("var=0"),
+        "FileSystem grants a writable root: {}",
+        g.stdout
+    );
 }
 
 pub async fn host_secrets_are_unreadable(tier: &'static Tier) {
@@ -392,7 +433,11 @@ pub async fn host_secrets_are_unreadable(tier: &'static Tier) {
     let secret = format!("SECRET-{}", uuid::Uuid::new_v4());
     std::fs::write(&key, &secret).expect("write key");
     let host_shadow = std::fs::read_to_string("/etc/shadow").expect("read host shadow");
-    let shadow_line = host_shadow.lines().next().expect("shadow has lines").to_string();
+    let shadow_line = host_shadow
+        .lines()
+        .next()
+        .expect("shadow has lines")
+        .to_string();
     let script = format!(
         "cat /etc/shadow; cat {k}; cat /proc/1/root/etc/shadow; cat /proc/1/root{k}; \
          find / -name signing.key 2>/dev/null; echo done",
@@ -405,7 +450,10 @@ pub async fn host_secrets_are_unreadable(tier: &'static Tier) {
     assert!(f.stdout.ends_with("done\n"), "{} {}", f.stdout, f.stderr);
     assert!(!f.stdout.contains(&secret), "the runtime's key leaked");
     assert!(!f.stdout.contains("signing.key"), "the key file is visible");
-    assert!(!f.stdout.contains(&shadow_line), "the host's /etc/shadow leaked");
+    assert!(
+        !f.stdout.contains(&shadow_line),
+        "the host's /etc/shadow leaked"
+    );
 }
 
 pub async fn capabilities_dropped_and_non_root(tier: &'static Tier) {
@@ -453,7 +501,11 @@ pub async fn timeout_kills_and_removes_the_container(tier: &'static Tier) {
 
 pub async fn kill_and_destroy_leave_nothing(tier: &'static Tier) {
     let env = env(tier).await;
-    let sandbox = env.backend.create(spec(&["/bin/sleep", "60"])).await.expect("create");
+    let sandbox = env
+        .backend
+        .create(spec(&["/bin/sleep", "60"]))
+        .await
+        .expect("create");
     let dir = workspace_dir(&env, &sandbox);
     assert!(dir.exists(), "workspace prepared at {}", dir.display());
     let _io = sandbox.start().await.expect("start");
@@ -464,15 +516,25 @@ pub async fn kill_and_destroy_leave_nothing(tier: &'static Tier) {
     sandbox.kill().await.expect("kill");
     let exit = waiter.await.expect("join").expect("wait");
     assert_eq!(exit.reason, ExitReason::Killed);
-    assert!(!container_exists(sandbox.id()).await, "killed container removed");
+    assert!(
+        !container_exists(sandbox.id()).await,
+        "killed container removed"
+    );
     destroy_and_check(&sandbox).await;
     assert!(!dir.exists(), "workspace removed");
 
     // Destroying a created-but-never-started sandbox leaves nothing either.
-    let idle = env.backend.create(spec(&["/bin/true"])).await.expect("create");
+    let idle = env
+        .backend
+        .create(spec(&["/bin/true"]))
+        .await
+        .expect("create");
     assert!(container_exists(idle.id()).await);
     destroy_and_check(&idle).await;
-    assert!(idle.start().await.is_err(), "a destroyed sandbox cannot start");
+    assert!(
+        idle.start().await.is_err(),
+        "a destroyed sandbox cannot start"
+    );
 }
 
 pub async fn pause_and_resume(tier: &'static Tier) {
@@ -512,16 +574,23 @@ pub async fn exec_runs_inside(tier: &'static Tier) {
     });
     let sandbox = env.backend.create(s).await.expect("create");
     let _io = sandbox.start().await.expect("start");
-    let argv: Vec<String> = ["/bin/sh", "-c", "cat note.txt; id -u; echo oops >&2; exit 3"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let argv: Vec<String> = [
+        "/bin/sh",
+        "-c",
+        "cat note.txt; id -u; echo oops >&2; exit 3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let out = sandbox
         .exec(&argv, Duration::from_secs(20))
         .await
         .expect("exec");
     assert_eq!(out.code, 3);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "from the workspace\n65534\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "from the workspace\n65534\n"
+    );
     assert_eq!(String::from_utf8_lossy(&out.stderr), "oops\n");
     let slow: Vec<String> = ["/bin/sleep", "30"].iter().map(|s| s.to_string()).collect();
     let err = sandbox
@@ -567,8 +636,16 @@ pub async fn disk_write_rate_is_limited(tier: &'static Tier) {
         overall / 1e6
     );
     assert!(sampled > 2e6, "writes barely progressed: {sampled:.0} B/s");
-    assert!(sampled <= limit, "sampled {:.2} MB/s > 12 MB/s", sampled / 1e6);
-    assert!(overall <= limit, "overall {:.2} MB/s > 12 MB/s", overall / 1e6);
+    assert!(
+        sampled <= limit,
+        "sampled {:.2} MB/s > 12 MB/s",
+        sampled / 1e6
+    );
+    assert!(
+        overall <= limit,
+        "overall {:.2} MB/s > 12 MB/s",
+        overall / 1e6
+    );
     destroy_and_check(&sandbox).await;
 }
 
@@ -588,7 +665,9 @@ pub async fn network_rate_is_limited(tier: &'static Tier) {
         conn.shutdown().await.expect("shutdown");
         accepted
     });
-    let mut down = sh(&format!("nc -w 30 \"$SYMBIONT_HOST_ADDR\" {port} </dev/null | wc -c"));
+    let mut down = sh(&format!(
+        "nc -w 30 \"$SYMBIONT_HOST_ADDR\" {port} </dev/null | wc -c"
+    ));
     down.capabilities.push(Capability::Network);
     down.limits.network_io_mbps = 8;
     let sandbox = env.backend.create(down).await.expect("create");
@@ -600,7 +679,11 @@ pub async fn network_rate_is_limited(tier: &'static Tier) {
     sandbox.wait().await.expect("wait");
     assert_eq!(out.trim(), DOWN.to_string(), "all bytes arrive");
     let rate = DOWN as f64 * 8.0 / (done - accepted).as_secs_f64();
-    println!("{}: network_io_mbps = 8: download {:.2} Mb/s", tier.name, rate / 1e6);
+    println!(
+        "{}: network_io_mbps = 8: download {:.2} Mb/s",
+        tier.name,
+        rate / 1e6
+    );
     assert!(rate <= limit_bps, "download {:.2} Mb/s > 9.6", rate / 1e6);
     assert!(rate > 2e6, "download only {:.2} Mb/s", rate / 1e6);
     destroy_and_check(&sandbox).await;
@@ -616,8 +699,7 @@ pub async fn network_rate_is_limited(tier: &'static Tier) {
         let mut last = Instant::now();
         loop {
             // An idle connection for 15 s counts as ended (never hang the suite).
-            let n = match tokio::time::timeout(Duration::from_secs(15), conn.read(&mut buf)).await
-            {
+            let n = match tokio::time::timeout(Duration::from_secs(15), conn.read(&mut buf)).await {
                 Ok(Ok(n)) => n,
                 Ok(Err(_)) | Err(_) => 0,
             };
@@ -648,4 +730,63 @@ pub async fn network_rate_is_limited(tier: &'static Tier) {
     let rate = total as f64 * 8.0 / span.as_secs_f64();
     assert!(rate <= limit_bps, "upload {:.2} Mb/s > 9.6", rate / 1e6);
     assert!(rate > 2e6, "upload only {:.2} Mb/s", rate / 1e6);
+}
+
+/// `update_limits` reaches the kernel: after lowering memory to 48 MiB, allocating 200 MB
+/// inside is OOM-killed (an exec'd `dd` dies with SIGKILL, or — gVisor, where every guest
+/// process lives in the one Sentry — the whole sandbox ends with `OutOfMemory`).
+pub async fn update_limits_reach_the_kernel(tier: &'static Tier) {
+    let env = env(tier).await;
+    let sandbox = env
+        .backend
+        .create(spec(&["/bin/sleep", "60"]))
+        .await
+        .expect("create");
+    let _io = sandbox.start().await.expect("start");
+    let argv: Vec<String> = [
+        "/bin/dd",
+        "if=/dev/zero",
+        "of=/dev/null",
+        "bs=200M",
+        "count=1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let before = sandbox
+        .exec(&argv, Duration::from_secs(30))
+        .await
+        .expect("exec under 256 MiB");
+    assert_eq!(before.code, 0, "200 MB fits in 256 MiB: {:?}", before);
+    let lower = ResourceLimits {
+        memory_mb: 48,
+        cpu_cores: 0.5,
+        disk_io_mbps: 0,
+        network_io_mbps: 0,
+        ..Default::default()
+    };
+    sandbox.update_limits(&lower).await.expect("update limits");
+    let after = sandbox.exec(&argv, Duration::from_secs(10)).await;
+    match after {
+        Ok(out) if out.code == 137 => {}
+        other => {
+            let exit = tokio::time::timeout(Duration::from_secs(10), sandbox.wait())
+                .await
+                .unwrap_or_else(|_| panic!("no OOM after lowering memory: {other:?}"))
+                .expect("wait");
+            assert_eq!(exit.reason, ExitReason::OutOfMemory, "{other:?} {exit:?}");
+        }
+    }
+    if !tier.disk_io {
+        let refused = ResourceLimits {
+            disk_io_mbps: 5,
+            ..lower
+        };
+        let err = sandbox
+            .update_limits(&refused)
+            .await
+            .expect_err("refuse disk");
+        assert_eq!(err.code(), "RESOURCE_002", "{err}");
+    }
+    destroy_and_check(&sandbox).await;
 }

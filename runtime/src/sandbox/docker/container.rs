@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
-use bollard::Docker;
 use bollard::models::ExecConfig;
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, InspectContainerOptions, KillContainerOptionsBuilder,
     RemoveContainerOptionsBuilder, StatsOptionsBuilder, WaitContainerOptions,
 };
+use bollard::Docker;
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -253,7 +253,10 @@ impl Drop for ContainerSandbox {
         // container or workspace behind. The caller's runtime may be shutting down (or be the
         // current-thread runtime we are blocking), so the cleanup runs on its own thread with
         // its own runtime and connection.
-        let destroyed = matches!(self.inner.phase.try_lock().map(|p| *p), Ok(Phase::Destroyed));
+        let destroyed = matches!(
+            self.inner.phase.try_lock().map(|p| *p),
+            Ok(Phase::Destroyed)
+        );
         if destroyed {
             return;
         }
