@@ -105,3 +105,18 @@ async fn docker_network_rate_is_limited() {
 async fn docker_update_limits_reach_the_kernel() {
     cases::update_limits_reach_the_kernel(&DOCKER).await;
 }
+
+#[tokio::test]
+async fn docker_stop_terms_then_kills() {
+    cases::stop_terms_then_kills(&DOCKER).await;
+}
+
+#[tokio::test]
+async fn docker_unreachable_daemon_says_how_to_install() {
+    let mut config = SandboxConfig::default();
+    config.docker.socket = "/nonexistent/docker.sock".into();
+    let backend = DockerBackend::new(&config).expect("backend");
+    let err = backend.probe().await.expect_err("no daemon there");
+    assert_eq!(err.code(), "SANDBOX_001", "{err}");
+    assert!(err.to_string().contains("scripts/setup.sh"), "{err}");
+}

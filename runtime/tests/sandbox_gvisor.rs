@@ -105,3 +105,24 @@ async fn gvisor_network_rate_is_limited() {
 async fn gvisor_update_limits_reach_the_kernel() {
     cases::update_limits_reach_the_kernel(&GVISOR).await;
 }
+
+#[tokio::test]
+async fn gvisor_stop_terms_then_kills() {
+    cases::stop_terms_then_kills(&GVISOR).await;
+}
+
+#[tokio::test]
+async fn gvisor_missing_runtime_says_how_to_install() {
+    let mut config = SandboxConfig::default();
+    config.gvisor.runtime = "runsc-not-registered".into();
+    let backend = GvisorBackend::new(&config).expect("backend");
+    let err = backend
+        .probe()
+        .await
+        .expect_err("runtime is not registered");
+    assert_eq!(err.code(), "SANDBOX_001", "{err}");
+    let text = err.to_string();
+    assert!(text.contains("runsc-not-registered"), "{text}");
+    assert!(text.contains("scripts/setup.sh"), "{text}");
+    assert!(text.contains("daemon.json"), "{text}");
+}

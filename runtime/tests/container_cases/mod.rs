@@ -790,3 +790,45 @@ pub async fn update_limits_reach_the_kernel(tier: &'static Tier) {
     }
     destroy_and_check(&sandbox).await;
 }
+
+/// `stop` sends SIGTERM first (a program that handles it exits cleanly) and SIGKILL after the
+/// grace period (a program that ignores it is killed); both are reported as `Killed` and the
+/// container is removed.
+pub async fn stop_terms_then_kills(tier: &'static Tier) {
+    let env = env(tier).await;
+    let polite = env
+        .backend
+        .create(sh(
+            "trap 'echo got-term; exit 0' TERM; echo ready; while :; do sleep 0.1; done",
+        ))
+        .await
+        .expect("create");
+    let mut io = polite.start().await.expect("start");
+    let mut ready = [0u8; 6];
+    io.stdout.read_exact(&mut ready).await.expect("ready");
+    let exit = polite.stop(Duration::from_secs(10)).await.expect("stop");
+    let mut rest = String::new();
+    io.stdout.read_to_string(&mut rest).await.expect("rest");
+    assert_eq!(exit.reason, ExitReason::Killed);
+    assert_eq!(exit.code, Some(0), "{exit:?}");
+    assert!(rest.contains("got-term"), "{rest}");
+    assert!(!container_exists(polite.id()).await);
+    destroy_and_check(&polite).await;
+
+    let stubborn = env
+        .backend
+        .create(sh("trap '' TERM; echo ready; while :; do sleep 0.1; done"))
+        .await
+        .expect("create");
+    let mut io = stubborn.start().await.expect("start");
+    io.stdout.read_exact(&mut ready).await.expect("ready");
+    let t = Instant::now();
+    let exit = stubborn.stop(Duration::from_secs(1)).await.expect("stop");
+    assert_eq!(exit.reason, ExitReason::Killed);
+    assert_eq!(exit.signal, Some(9), "{exit:?}");
+    assert!(
+        t.elapsed() >= Duration::from_secs(1),
+        "grace period honoured"
+    );
+    destroy_and_check(&stubborn).await;
+}
