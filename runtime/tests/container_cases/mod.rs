@@ -737,12 +737,6 @@ pub async fn network_rate_is_limited(tier: &'static Tier) {
 /// process lives in the one Sentry — the whole sandbox ends with `OutOfMemory`).
 pub async fn update_limits_reach_the_kernel(tier: &'static Tier) {
     let env = env(tier).await;
-    let sandbox = env
-        .backend
-        .create(spec(&["/bin/sleep", "60"]))
-        .await
-        .expect("create");
-    let _io = sandbox.start().await.expect("start");
     let argv: Vec<String> = [
         "/bin/dd",
         "if=/dev/zero",
@@ -753,11 +747,24 @@ pub async fn update_limits_reach_the_kernel(tier: &'static Tier) {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let before = sandbox
-        .exec(&argv, Duration::from_secs(30))
+    // Control: 200 MB fits under the spec's 256 MiB.
+    let control = run(
+        &env,
+        spec(&argv.iter().map(String::as_str).collect::<Vec<_>>()),
+        b"",
+    )
+    .await;
+    assert!(
+        control.exit.success(),
+        "200 MB fits in 256 MiB: {:?}",
+        control.exit
+    );
+    let sandbox = env
+        .backend
+        .create(spec(&["/bin/sleep", "60"]))
         .await
-        .expect("exec under 256 MiB");
-    assert_eq!(before.code, 0, "200 MB fits in 256 MiB: {:?}", before);
+        .expect("create");
+    let _io = sandbox.start().await.expect("start");
     let lower = ResourceLimits {
         memory_mb: 48,
         cpu_cores: 0.5,
@@ -765,6 +772,8 @@ pub async fn update_limits_reach_the_kernel(tier: &'static Tier) {
         network_io_mbps: 0,
         ..Default::default()
     };
+    // Lowered before anything big ran (lowering below what a sandbox already uses fails with
+    // EBUSY from the kernel; gVisor's Sentry keeps memory it once used).
     sandbox.update_limits(&lower).await.expect("update limits");
     let after = sandbox.exec(&argv, Duration::from_secs(10)).await;
     match after {
