@@ -277,8 +277,16 @@ impl Shared {
     }
 }
 
+/// Serialises base-image imports of all backends in this process (concurrent imports of the
+/// same tag would leave untagged duplicates behind).
+static IMPORT_LOCK: Mutex<()> = Mutex::const_new(());
+
 async fn import_base(docker: &Docker, base: &BaseImage) -> Result<(), SandboxError> {
     use futures::StreamExt;
+    let _guard = IMPORT_LOCK.lock().await;
+    if docker.inspect_image(&base.name).await.is_ok() {
+        return Ok(()); // another backend imported it meanwhile
+    }
     tracing::info!(image = %base.name, bytes = base.tar.len(), "importing the base image");
     let options = bollard::query_parameters::CreateImageOptionsBuilder::new()
         .from_src("-")
