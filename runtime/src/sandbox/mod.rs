@@ -471,6 +471,8 @@ pub async fn probe_registry(config: &SandboxConfig) -> (SandboxRegistry, Vec<Tie
     let mut infos = Vec::new();
     let mut candidates: Vec<Result<Arc<dyn SandboxBackend>, SandboxError>> = Vec::new();
     candidates.push(native::NativeBackend::new(config.clone()).map(|b| Arc::new(b) as _));
+    candidates.push(docker::DockerBackend::new(config).map(|b| Arc::new(b) as _));
+    candidates.push(gvisor::GvisorBackend::new(config).map(|b| Arc::new(b) as _));
     candidates.push(Ok(Arc::new(microvm::MicrovmBackend::new(config))));
     for candidate in candidates {
         let backend = match candidate {
