@@ -8,7 +8,7 @@ from frames import serve
 INBOX = os.environ.get("INBOX", "inbox")
 
 
-def on_start(_frame):
+def on_start(_document, _handler):
     documents = []
     for name in sorted(os.listdir(INBOX)):
         path = os.path.join(INBOX, name)

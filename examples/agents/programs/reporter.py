@@ -32,9 +32,9 @@ def render(rows):
     return "\n".join(lines) + "\n"
 
 
-def on_summary(frame):
-    rows = [r for r in load() if r["name"] != frame["payload"]["name"]]
-    rows.append(frame["payload"])
+def on_summary(summary, _handler):
+    rows = [r for r in load() if r["name"] != summary["name"]]
+    rows.append(summary)
     rows.sort(key=lambda r: r["name"])
     with open(STATE, "w", encoding="utf-8") as f:
         json.dump(rows, f)
@@ -43,7 +43,7 @@ def on_summary(frame):
     return []
 
 
-def on_report(_frame):
+def on_report(_document, _handler):
     return [{"report": render(load())}]
 
 

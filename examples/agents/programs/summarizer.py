@@ -11,8 +11,8 @@ TOP_WORDS = int(os.environ.get("TOP_WORDS", "3"))
 STOP_WORDS = {"the", "a", "an", "and", "or", "of", "to", "in", "on", "we", "is", "it", "for"}
 
 
-def on_document(frame):
-    doc = frame.get("payload") or {}
+def on_document(document, _handler):
+    doc = document or {}
     text = doc.get("text", "")
     words = re.findall(r"[A-Za-z0-9']+", text)
     counts = collections.Counter(w.lower() for w in words if w.lower() not in STOP_WORDS)

@@ -751,6 +751,18 @@ impl DefaultCommunicationBus {
     /// Answers a request delivered to its recipient. The reply is sealed by the request's
     /// recipient and verified before it reaches the waiting requester.
     pub async fn reply(&self, request: &ReceivedMessage, payload: Vec<u8>) -> Result<()> {
+        let topic = request.message.topic.clone();
+        self.reply_on(request, topic, payload).await
+    }
+
+    /// Answers a request with a reply on `topic` (e.g. an agent definition's
+    /// `reply "TOPIC"`) instead of the request's own topic.
+    pub async fn reply_on(
+        &self,
+        request: &ReceivedMessage,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> Result<()> {
         if request.kind != MessageKind::Request {
             return Err(CommunicationError::InvalidMessage(format!(
                 "message {} is not a request",
@@ -762,7 +774,7 @@ impl DefaultCommunicationBus {
             id: MessageId::new(),
             from: m.to,
             to: m.from,
-            topic: m.topic.clone(),
+            topic,
             payload,
             priority: m.priority,
             ttl: self.inner.config.default_ttl,

@@ -167,7 +167,7 @@ impl Default for CommunicationConfig {
             dead_letter_capacity: 10_000,
             replay_window: 4096,
             require_messaging_capability: true,
-            audit_deliveries: false,
+            audit_deliveries: true,
             sweep_interval: Duration::from_secs(1),
         }
     }

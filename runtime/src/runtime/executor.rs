@@ -546,7 +546,10 @@ async fn route_output(
         }
         HandlerOutput::Reply { topic } => {
             if let Some(request) = request.filter(|r| r.kind == MessageKind::Request) {
-                inner.bus.reply(request, output.to_vec()).await?;
+                inner
+                    .bus
+                    .reply_on(request, topic.clone(), output.to_vec())
+                    .await?;
                 return Ok(());
             }
             let Some(to) = input.from else {
