@@ -673,6 +673,19 @@ impl DefaultCommunicationBus {
         self.admit_basic(&message)?;
         let sender = self.sender_entry(&message, MessageKind::Topic)?;
         drop(sender);
+        if let PolicyDecision::Deny(why) = self.inner.policy.check_publish(
+            message.from,
+            &message.topic,
+            message.priority,
+            message.payload.len(),
+        ) {
+            return Err(self.reject(
+                Meta::of_message(&message, MessageKind::Topic),
+                RejectReason::PolicyDenied,
+                why,
+                None,
+            ));
+        }
         let mut delivered = 0;
         for sub in self.subscribers(&message.topic) {
             if sub == message.from {

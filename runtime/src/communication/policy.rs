@@ -46,6 +46,20 @@ pub trait DeliveryPolicy: Send + Sync + 'static {
     /// Allow or deny delivery of the message described by `ctx`.
     fn check(&self, ctx: &DeliveryContext<'_>) -> PolicyDecision;
 
+    /// Allow or deny `from` publishing on `topic` at all (checked once per publication,
+    /// before any copy is made, so a denied publication is refused even when nobody is
+    /// subscribed). Allowed by default; each copy still goes through [`DeliveryPolicy::check`].
+    fn check_publish(
+        &self,
+        from: AgentId,
+        topic: &str,
+        priority: Priority,
+        size: usize,
+    ) -> PolicyDecision {
+        let _ = (from, topic, priority, size);
+        PolicyDecision::Allow
+    }
+
     /// Allow or deny `agent` subscribing to `topic`. Allowed by default.
     fn check_subscribe(&self, agent: AgentId, topic: &str) -> PolicyDecision {
         let _ = (agent, topic);

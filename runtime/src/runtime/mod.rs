@@ -788,6 +788,25 @@ struct BusPolicy {
 }
 
 impl DeliveryPolicy for BusPolicy {
+    fn check_publish(
+        &self,
+        from: AgentId,
+        topic: &str,
+        priority: Priority,
+        size: usize,
+    ) -> PolicyDecision {
+        let meta = MessageMeta {
+            topic,
+            priority,
+            size,
+            metadata: None,
+        };
+        match self.policies.check_send(from, None, meta) {
+            Ok(_) => PolicyDecision::Allow,
+            Err(e) => PolicyDecision::Deny(e.to_string()),
+        }
+    }
+
     fn check(&self, ctx: &DeliveryContext<'_>) -> PolicyDecision {
         let meta = MessageMeta {
             topic: ctx.topic,
