@@ -737,7 +737,9 @@ extern "C" fn program_entry(arg: *mut c_void) -> c_int {
     }
 }
 
-unsafe fn loopback_up() -> bool {
+/// Brings `lo` of the calling thread's network namespace up (nothing to do when it already
+/// is, as in namespaces from the pre-created pool). Async-signal-safe.
+pub fn loopback_up() -> bool {
     // SAFETY: ioctl on a fresh socket with a zeroed ifreq.
     unsafe {
         let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
@@ -747,10 +749,12 @@ unsafe fn loopback_up() -> bool {
         let mut ifr: libc::ifreq = std::mem::zeroed();
         ifr.ifr_name[0] = b'l' as c_char;
         ifr.ifr_name[1] = b'o' as c_char;
-        let ok = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr) == 0 && {
-            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr) == 0
-        };
+        let up = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        let ok = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr) == 0
+            && (ifr.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short != 0 || {
+                ifr.ifr_ifru.ifru_flags |= up;
+                libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr) == 0
+            });
         libc::close(s);
         ok
     }

@@ -71,6 +71,9 @@ pub struct NativeConfig {
     /// How long the child may take to set itself up and exec the program.
     #[serde(with = "humantime_serde")]
     pub start_timeout: Duration,
+    /// Network namespaces kept ready (with `lo` up) so that starts do not pay for creating
+    /// one; 0 creates each at start.
+    pub netns_pool: usize,
 }
 
 impl Default for NativeConfig {
@@ -90,6 +93,7 @@ impl Default for NativeConfig {
             subnet: "10.213.0.0/16".to_string(),
             nofile_limit: 4096,
             start_timeout: Duration::from_secs(10),
+            netns_pool: 4,
         }
     }
 }
@@ -146,6 +150,9 @@ impl Validate for NativeConfig {
         }
         if self.nofile_limit < 64 {
             issues.push(ConfigIssue::new(k("nofile_limit"), "must be at least 64"));
+        }
+        if self.netns_pool > 64 {
+            issues.push(ConfigIssue::new(k("netns_pool"), "must be at most 64"));
         }
         if self.start_timeout.is_zero() {
             issues.push(ConfigIssue::new(
@@ -330,6 +337,8 @@ impl NativeBackend {
             }),
         };
         backend.sweep_stale();
+        // Start filling the network namespace pool now, so the first start benefits.
+        net::NetnsPool::global(backend.config.native.netns_pool);
         Ok(backend)
     }
 
@@ -691,6 +700,8 @@ pub(crate) struct ReaperJob {
     pub confine: OwnedConfine,
     pub timing: bool,
     pub cgroup: CgroupEntry,
+    /// A pre-created network namespace to start in (else a new one is created).
+    pub netns: Option<OwnedFd>,
 }
 
 /// Everything the exec helper needs.
@@ -739,6 +750,34 @@ fn argv_area() -> Option<(usize, usize)> {
     })
 }
 
+/// Runs `f` with the calling thread in network namespace `ns` (when given), so that a child
+/// cloned meanwhile starts there; the thread returns to its own namespace afterwards.
+fn with_netns(
+    ns: Option<&OwnedFd>,
+    f: impl FnOnce() -> Result<Cloned, SandboxError>,
+) -> Result<Cloned, SandboxError> {
+    use std::os::fd::AsRawFd;
+    let Some(ns) = ns else { return f() };
+    let home = std::fs::File::open("/proc/thread-self/ns/net")
+        .map_err(|e| SandboxError::op("netns", e))?;
+    // SAFETY: setns on the calling thread with valid namespace descriptors.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(SandboxError::op("netns", std::io::Error::last_os_error()));
+    }
+    let r = f();
+    // SAFETY: as above.
+    if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        // A runtime thread left inside a sandbox's network namespace would open the
+        // runtime's sockets there: unrecoverable.
+        tracing::error!(
+            error = %std::io::Error::last_os_error(),
+            "cannot return to the host network namespace; aborting"
+        );
+        std::process::abort();
+    }
+    r
+}
+
 /// Stack of the program child between its vfork-style clone and exec.
 const PROGRAM_STACK: usize = 256 * 1024;
 
@@ -774,17 +813,25 @@ impl ReaperJob {
             stack: stack.as_mut_ptr(),
             stack_len: stack.len(),
         };
+        let netns = self.netns.as_ref();
         let r = self.cgroup.clone_into(|cgroup_fd| {
-            let mut pidfd: libc::c_int = -1;
-            // SAFETY: fork-like clone; the child only runs reaper_main (async-signal-safe,
-            // raw syscalls on `args`, whose pointers target data alive in both address
-            // spaces).
-            let r = unsafe { child::clone3_fork(SANDBOX_NAMESPACES, &mut pidfd, cgroup_fd) };
-            if r == 0 {
-                // SAFETY: we are the child.
-                unsafe { child::reaper_main(&args) }
-            }
-            finish_clone(r, pidfd)
+            with_netns(netns, || {
+                let flags = if netns.is_some() {
+                    SANDBOX_NAMESPACES & !(libc::CLONE_NEWNET as u64)
+                } else {
+                    SANDBOX_NAMESPACES
+                };
+                let mut pidfd: libc::c_int = -1;
+                // SAFETY: fork-like clone; the child only runs reaper_main
+                // (async-signal-safe, raw syscalls on `args`, whose pointers target data
+                // alive in both address spaces).
+                let r = unsafe { child::clone3_fork(flags, &mut pidfd, cgroup_fd) };
+                if r == 0 {
+                    // SAFETY: we are the child.
+                    unsafe { child::reaper_main(&args) }
+                }
+                finish_clone(r, pidfd)
+            })
         });
         drop(self.keep);
         drop(stack);

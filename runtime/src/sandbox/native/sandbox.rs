@@ -691,6 +691,8 @@ impl crate::sandbox::Sandbox for NativeSandbox {
             confine: inner.owned_confine(child::FD_LANDLOCK),
             timing: tracing::enabled!(tracing::Level::TRACE),
             cgroup: CgroupEntry::for_cgroup(&inner.cgroup, &inner.backend.host.layout),
+            netns: net::NetnsPool::global(inner.backend.config.native.netns_pool)
+                .and_then(|p| p.take()),
         };
         let timing = job.timing;
         let mut marks: Vec<(&'static str, i32)> = Vec::new();
@@ -798,12 +800,14 @@ impl crate::sandbox::Sandbox for NativeSandbox {
             return Err(SandboxError::InvalidSpec("argv must name a program".into()));
         }
         let (pid, _) = inner.running_reaper()?;
-        // User namespace first (it owns the others), mount namespace last.
+        // The network namespace first (a pooled one is owned by the host's user namespace,
+        // so it must be joined while we are still host root), then the user namespace (it
+        // owns the others), the mount namespace last.
         let ns_list: [(&str, libc::c_int); 7] = [
+            ("net", libc::CLONE_NEWNET),
             ("user", libc::CLONE_NEWUSER),
             ("ipc", libc::CLONE_NEWIPC),
             ("uts", libc::CLONE_NEWUTS),
-            ("net", libc::CLONE_NEWNET),
             ("cgroup", libc::CLONE_NEWCGROUP),
             ("pid", libc::CLONE_NEWPID),
             ("mnt", libc::CLONE_NEWNS),
