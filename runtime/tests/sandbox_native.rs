@@ -1024,8 +1024,7 @@ async fn each_sandbox_has_its_own_working_loopback_with_or_without_the_netns_poo
         let env = env_with(|c| c.native.netns_pool = pool);
         if pool > 0 {
             // Let the pool fill so the pooled path is the one exercised.
-            let p = symbiont_runtime::sandbox::native::net::NetnsPool::global(pool)
-                .expect("pool");
+            let p = symbiont_runtime::sandbox::native::net::NetnsPool::global(pool).expect("pool");
             let t = Instant::now();
             while p.available() == 0 && t.elapsed() < Duration::from_secs(5) {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1052,9 +1051,20 @@ async fn each_sandbox_has_its_own_working_loopback_with_or_without_the_netns_poo
             .expect("exec a");
         let a_ns = String::from_utf8_lossy(&a_out.stdout).trim().to_string();
         assert!(a_ns.starts_with("net:["), "{a_ns}");
-        assert_ne!(a_ns, b_ns, "pool {pool}: two sandboxes share a network namespace");
-        assert_ne!(Path::new(&a_ns), host_ns, "pool {pool}: sandbox in the host's namespace");
-        assert_ne!(Path::new(&b_ns), host_ns, "pool {pool}: sandbox in the host's namespace");
+        assert_ne!(
+            a_ns, b_ns,
+            "pool {pool}: two sandboxes share a network namespace"
+        );
+        assert_ne!(
+            Path::new(&a_ns),
+            host_ns,
+            "pool {pool}: sandbox in the host's namespace"
+        );
+        assert_ne!(
+            Path::new(&b_ns),
+            host_ns,
+            "pool {pool}: sandbox in the host's namespace"
+        );
         a.destroy().await.expect("destroy a");
     }
     // The runtime's own threads never stay in a sandbox's namespace.

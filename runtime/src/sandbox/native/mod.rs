@@ -224,7 +224,20 @@ pub(crate) struct Host {
     pub enforcement: EnforcementSupport,
     pub devices: Vec<String>,
     pub entries: Vec<plan::HostEntry>,
+    /// The shared read-only root skeleton (`<state_dir>/.template-<pid>-<rand>/root`).
+    pub template: PathBuf,
 }
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(dir) = self.template.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Prefix of the shared skeleton directories in `state_dir`.
+pub const TEMPLATE_PREFIX: &str = ".template-";
 
 /// Prefix of every native sandbox id (and so of its cgroups and state directory).
 pub const ID_PREFIX: &str = "nat-";
@@ -243,9 +256,14 @@ pub fn sandbox_id(agent: &crate::types::AgentId) -> String {
     )
 }
 
-/// The runtime pid recorded in a sandbox id, when it has one.
+/// The runtime pid recorded in a sandbox id (or a shared skeleton's name), when it has one.
 pub fn owner_pid(id: &str) -> Option<u32> {
-    id.strip_prefix(ID_PREFIX)?.split('-').next()?.parse().ok()
+    id.strip_prefix(ID_PREFIX)
+        .or_else(|| id.strip_prefix(TEMPLATE_PREFIX))?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// True when the runtime that created sandbox `id` is gone.
@@ -317,12 +335,32 @@ impl NativeBackend {
             disk_io: block_device.is_some() && (has("blkio") || has("io")),
             network_io: command_exists("tc"),
         };
-        let devices = plan::DEVICES
+        let devices: Vec<String> = plan::DEVICES
             .iter()
             .filter(|d| Path::new("/dev").join(d).exists())
             .map(|d| d.to_string())
             .collect();
         let entries = plan::host_entries(&config.native.ro_binds);
+        let rand = uuid::Uuid::new_v4().simple().to_string();
+        let template_dir = config.state_dir.join(format!(
+            "{TEMPLATE_PREFIX}{}-{}",
+            std::process::id(),
+            &rand[..8]
+        ));
+        let n = &config.native;
+        let made = plan::create_skeleton(&plan::Skeleton {
+            root: &template_dir.join("root"),
+            entries: &entries,
+            devices: &devices,
+            host_uid: 0,
+            host_gid: 0,
+            writable_root: false,
+            etc: plan::etc_files("symbiont", n.sandbox_uid, n.sandbox_gid, None),
+        });
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&template_dir);
+            return Err(e);
+        }
         let backend = Self {
             config: Arc::new(config),
             host: Arc::new(Host {
@@ -334,6 +372,7 @@ impl NativeBackend {
                 enforcement,
                 devices,
                 entries,
+                template: template_dir.join("root"),
             }),
         };
         backend.sweep_stale();
@@ -374,6 +413,8 @@ impl NativeBackend {
                     let name = e.file_name().to_string_lossy().to_string();
                     if name.starts_with(ID_PREFIX) && owner_is_dead(&name) {
                         ids.insert(name);
+                    } else if name.starts_with(TEMPLATE_PREFIX) && owner_is_dead(&name) {
+                        let _ = std::fs::remove_dir_all(e.path());
                     }
                 }
             }

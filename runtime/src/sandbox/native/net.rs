@@ -525,10 +525,8 @@ impl NetnsPool {
             return None;
         }
         Some(POOL.get_or_init(|| {
-            let state = std::sync::Arc::new((
-                std::sync::Mutex::new(Vec::new()),
-                std::sync::Condvar::new(),
-            ));
+            let state =
+                std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
             let s2 = state.clone();
             let spawned = std::thread::Builder::new()
                 .name("symbiont-netns-pool".into())
