@@ -268,7 +268,7 @@ impl SandboxCgroup {
     }
 
     /// Creates the directories (and on v2 enables the controllers on the way down), then
-    /// applies `limits`.
+    /// applies `limits` (skipping values a fresh cgroup already has).
     pub fn create(&self, limits: &CgroupLimits) -> Result<(), SandboxError> {
         match self.layout.version {
             CgroupVersion::V1 => {
@@ -293,22 +293,26 @@ impl SandboxCgroup {
                 })?;
             }
         }
-        if let Err(e) = self.apply(limits) {
+        if let Err(e) = self.apply_inner(limits, true) {
             let _ = self.remove(Duration::from_millis(200));
             return Err(e);
         }
         Ok(())
     }
 
-    /// Writes `limits` (used at creation and for live updates).
+    /// Writes `limits` (used for live updates).
     pub fn apply(&self, limits: &CgroupLimits) -> Result<(), SandboxError> {
+        self.apply_inner(limits, false)
+    }
+
+    fn apply_inner(&self, limits: &CgroupLimits, fresh: bool) -> Result<(), SandboxError> {
         match self.layout.version {
-            CgroupVersion::V1 => self.apply_v1(limits),
-            CgroupVersion::V2 => self.apply_v2(limits),
+            CgroupVersion::V1 => self.apply_v1(limits, fresh),
+            CgroupVersion::V2 => self.apply_v2(limits, fresh),
         }
     }
 
-    fn apply_v1(&self, l: &CgroupLimits) -> Result<(), SandboxError> {
+    fn apply_v1(&self, l: &CgroupLimits, fresh: bool) -> Result<(), SandboxError> {
         let mem = self.dir("memory");
         let limit = mem.join("memory.limit_in_bytes");
         let memsw = mem.join("memory.memsw.limit_in_bytes");
@@ -327,10 +331,14 @@ impl SandboxCgroup {
             }
         }
         let cpu = self.dir("cpu");
-        write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+        // A fresh cgroup's period is the kernel default (100 ms), the one we use.
+        if !fresh || !cpu.join("cpu.cfs_period_us").exists() {
+            write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+        }
         write(&cpu.join("cpu.cfs_quota_us"), &l.cpu_quota_us().to_string())?;
         write(&self.dir("pids").join("pids.max"), &l.pids_max.to_string())?;
-        if let Some((maj, min)) = l.block_device {
+        // A fresh cgroup has no throttle rule: nothing to write for "unlimited".
+        if let Some((maj, min)) = l.block_device.filter(|_| !(fresh && l.disk_bps == 0)) {
             let blk = self.dir("blkio");
             // 0 removes the rule (unlimited).
             let v = format!("{maj}:{min} {}", l.disk_bps);
@@ -340,7 +348,7 @@ impl SandboxCgroup {
         Ok(())
     }
 
-    fn apply_v2(&self, l: &CgroupLimits) -> Result<(), SandboxError> {
+    fn apply_v2(&self, l: &CgroupLimits, fresh: bool) -> Result<(), SandboxError> {
         let dir = self.dir("");
         write(&dir.join("memory.max"), &l.memory_bytes.to_string())?;
         let swap = dir.join("memory.swap.max");
@@ -353,7 +361,7 @@ impl SandboxCgroup {
             &format!("{} {CPU_PERIOD_US}", l.cpu_quota_us()),
         )?;
         write(&dir.join("pids.max"), &l.pids_max.to_string())?;
-        if let Some((maj, min)) = l.block_device {
+        if let Some((maj, min)) = l.block_device.filter(|_| !(fresh && l.disk_bps == 0)) {
             let v = if l.disk_bps == 0 {
                 format!("{maj}:{min} rbps=max wbps=max")
             } else {

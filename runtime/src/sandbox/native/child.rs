@@ -563,9 +563,33 @@ unsafe fn drop_bounding_set(last_cap: u32) -> Result<(), i32> {
     }
 }
 
+/// Installs the seccomp programs (needs `no_new_privs` or CAP_SYS_ADMIN).
+unsafe fn install_seccomp(c: &Confine) -> Result<(), i32> {
+    // SAFETY: prctl with pointers to prepared sock_fprog structures.
+    unsafe {
+        for prog in &c.seccomp {
+            if prog.len == 0 {
+                continue;
+            }
+            if libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER as c_ulong,
+                prog as *const libc::sock_fprog as c_ulong,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(stage::SECCOMP);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Applies [`Confine`] to the calling process. Returns the failed stage on error.
-/// `bounding_dropped`: the bounding set was already emptied (inherited from the reaper).
-unsafe fn confine(c: &Confine, bounding_dropped: bool) -> Result<(), i32> {
+/// `inherited`: the bounding set is already empty and the seccomp filters are already
+/// installed (both inherited from the reaper).
+unsafe fn confine(c: &Confine, inherited: bool) -> Result<(), i32> {
     // SAFETY: raw syscalls on prepared values.
     unsafe {
         for (res, lim) in &c.rlimits[..c.n_rlimits] {
@@ -573,7 +597,7 @@ unsafe fn confine(c: &Confine, bounding_dropped: bool) -> Result<(), i32> {
                 return Err(stage::RLIMIT);
             }
         }
-        if !bounding_dropped {
+        if !inherited {
             drop_bounding_set(c.last_cap)?;
         }
         if libc::prctl(
@@ -618,20 +642,8 @@ unsafe fn confine(c: &Confine, bounding_dropped: bool) -> Result<(), i32> {
         {
             return Err(stage::LANDLOCK);
         }
-        for prog in &c.seccomp {
-            if prog.len == 0 {
-                continue;
-            }
-            if libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER as c_ulong,
-                prog as *const libc::sock_fprog as c_ulong,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(stage::SECCOMP);
-            }
+        if !inherited {
+            install_seccomp(c)?;
         }
         Ok(())
     }
@@ -830,6 +842,14 @@ pub unsafe fn reaper_main(a: &ReaperArgs) -> ! {
         let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
         if devnull < 0 {
             fail_to(FD_REPORT, stage::DEVNULL);
+        }
+        // No more mounts or namespace changes from here on: install the syscall filter now,
+        // off the critical path; the program child inherits it.
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as c_ulong, 0, 0, 0) != 0 {
+            fail_to(FD_REPORT, stage::NO_NEW_PRIVS);
+        }
+        if let Err(st) = install_seccomp(&a.confine) {
+            fail_to(FD_REPORT, st);
         }
         // Wait for the parent: uid/gid maps written, network plumbed.
         let mut go = 0u8;
