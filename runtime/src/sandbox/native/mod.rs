@@ -656,34 +656,48 @@ pub(crate) struct OwnedMount {
     pub pivot: bool,
 }
 
-/// How a cloned child gets into its sandbox's cgroups without a (slow, globally locked)
-/// migration: v1 moves the calling thread into them for the instant of the clone; v2 clones
-/// straight into the directory.
+/// How a cloned child gets into its sandbox's cgroups without a slow migration. Writing a
+/// pid to `cgroup.procs` takes a global lock that waits for an RCU grace period (milliseconds
+/// on a busy host); instead, on v1 the child moves *itself* by writing `0` to each
+/// controller's `tasks` file (one thread, no global lock), first thing after the clone and
+/// in parallel with the parent; on v2 it is cloned straight into the directory
+/// (`CLONE_INTO_CGROUP`).
 #[derive(Debug, Clone)]
 pub(crate) enum CgroupEntry {
-    /// v1: `tasks` files to join, and the calling thread's own to return to.
-    V1 {
-        join: Vec<PathBuf>,
-        home: Vec<PathBuf>,
-    },
+    /// v1: the `tasks` files the child writes `0` to.
+    V1 { tasks: Vec<CString> },
     /// v2: the directory for `CLONE_INTO_CGROUP`.
     V2 { dir: PathBuf },
 }
 
 impl CgroupEntry {
-    pub(crate) fn for_cgroup(cg: &cgroup::SandboxCgroup, layout: &cgroup::CgroupLayout) -> Self {
-        match cg.v2_dir() {
+    pub(crate) fn for_cgroup(cg: &cgroup::SandboxCgroup) -> Result<Self, SandboxError> {
+        Ok(match cg.v2_dir() {
             Some(d) => CgroupEntry::V2 {
                 dir: d.to_path_buf(),
             },
             None => CgroupEntry::V1 {
-                join: cg.thread_join_files(),
-                home: cgroup::thread_home_files(layout),
+                tasks: cg
+                    .thread_join_files()
+                    .iter()
+                    .map(|p| {
+                        CString::new(p.as_os_str().as_encoded_bytes())
+                            .map_err(|_| SandboxError::op("cgroup", "NUL in a cgroup path"))
+                    })
+                    .collect::<Result<_, _>>()?,
             },
+        })
+    }
+
+    /// The v1 `tasks` paths (empty on v2).
+    fn tasks(&self) -> &[CString] {
+        match self {
+            CgroupEntry::V1 { tasks } => tasks,
+            CgroupEntry::V2 { .. } => &[],
         }
     }
 
-    /// Runs `clone` with the child born in the cgroup; returns its result.
+    /// Runs `clone` with the v2 cgroup descriptor when there is one.
     fn clone_into(
         &self,
         clone: impl FnOnce(Option<libc::c_int>) -> Result<Cloned, SandboxError>,
@@ -695,35 +709,7 @@ impl CgroupEntry {
                 use std::os::fd::AsRawFd;
                 clone(Some(d.as_raw_fd()))
             }
-            CgroupEntry::V1 { join, home } => {
-                let t0 = std::time::Instant::now();
-                let mut joined = Ok(());
-                for f in join {
-                    if let Err(e) = std::fs::write(f, "0") {
-                        joined = Err(SandboxError::op(
-                            "cgroup join",
-                            format!("{}: {e}", f.display()),
-                        ));
-                        break;
-                    }
-                }
-                let t1 = std::time::Instant::now();
-                let r = joined.and_then(|()| clone(None));
-                let t2 = std::time::Instant::now();
-                // Always go home, whatever happened.
-                for f in home {
-                    if let Err(e) = std::fs::write(f, "0") {
-                        tracing::error!(file = %f.display(), error = %e, "the cloning thread could not leave a sandbox cgroup");
-                    }
-                }
-                tracing::trace!(
-                    join_us = (t1 - t0).as_micros() as u64,
-                    clone_us = (t2 - t1).as_micros() as u64,
-                    home_us = t2.elapsed().as_micros() as u64,
-                    "cloned into the sandbox cgroups"
-                );
-                r
-            }
+            CgroupEntry::V1 { .. } => clone(None),
         }
     }
 }
@@ -839,7 +825,9 @@ impl ReaperJob {
         let ptrs = self.program.ptrs();
         let (fds, n_fds) = fd_table(&self.fds)?;
         let mut stack = vec![0u8; PROGRAM_STACK];
+        let tasks = null_terminated(self.cgroup.tasks());
         let args = child::ReaperArgs {
+            cgroup_tasks: tasks.as_ptr(),
             fds,
             n_fds,
             mounts: mounts.as_ptr(),
@@ -888,9 +876,11 @@ impl ExecJob {
         }
         let ptrs = self.program.ptrs();
         let (fds, n_fds) = fd_table(&self.fds)?;
+        let tasks = null_terminated(self.cgroup.tasks());
         let mut namespaces = [(-1, 0); child::MAX_NS];
         namespaces[..self.namespaces.len()].copy_from_slice(&self.namespaces);
         let args = child::ExecArgs {
+            cgroup_tasks: tasks.as_ptr(),
             fds,
             n_fds,
             namespaces,

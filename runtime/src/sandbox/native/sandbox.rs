@@ -750,7 +750,7 @@ impl crate::sandbox::Sandbox for NativeSandbox {
             program: inner.owned_program(&inner.spec.argv)?,
             confine: inner.owned_confine(child::FD_LANDLOCK),
             timing: tracing::enabled!(tracing::Level::TRACE),
-            cgroup: CgroupEntry::for_cgroup(&inner.cgroup, &inner.backend.host.layout),
+            cgroup: CgroupEntry::for_cgroup(&inner.cgroup)?,
             netns: net::NetnsPool::global(inner.backend.config.native.netns_pool)
                 .and_then(|p| p.take()),
         };
@@ -900,7 +900,7 @@ impl crate::sandbox::Sandbox for NativeSandbox {
         let mut keep = vec![stdin_r, stdout_w, stderr_w, report_w];
         keep.extend(ns_fds);
         if inner.cgroup.is_frozen() {
-            // The cloning thread would freeze while passing through the cgroup.
+            // The helper would freeze as soon as it joined the cgroup.
             return Err(SandboxError::InvalidState {
                 id: inner.id.clone(),
                 message: "paused: resume before exec".into(),
@@ -909,7 +909,7 @@ impl crate::sandbox::Sandbox for NativeSandbox {
         let job = ExecJob {
             fds,
             keep,
-            cgroup: CgroupEntry::for_cgroup(&inner.cgroup, &inner.backend.host.layout),
+            cgroup: CgroupEntry::for_cgroup(&inner.cgroup)?,
             namespaces,
             program: inner.owned_program(argv)?,
             confine: inner.owned_confine(child::EXEC_FD_LANDLOCK),
