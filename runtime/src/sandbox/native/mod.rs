@@ -9,7 +9,7 @@
 //! - [`seccomp`]: the compiled syscall filters;
 //! - [`net`]: veth + NAT + token buckets for sandboxes holding `Capability::Network`;
 //! - [`child`]: the async-signal-safe code between clone and exec (PID 1 reaper, exec helper);
-//! - [`sandbox`]: [`NativeSandbox`], the [`Sandbox`](crate::sandbox::Sandbox) implementation.
+//! - [`sandbox`]: [`NativeSandbox`], the `Sandbox` implementation.
 //!
 //! # Identity
 //! The user namespace maps sandbox uids/gids `0..uid_count` to host ids
@@ -19,7 +19,9 @@
 //!
 //! # Process model
 //! The sandbox's PID 1 is cloned directly from the calling thread (a fork-like `clone3`
-//! with the new namespaces, born inside the sandbox's cgroups). It holds the read end of a
+//! with the new namespaces; it joins the sandbox's cgroups itself before anything else, and
+//! its network namespace comes from a pool created ahead of time). See [`child`] for what it
+//! does and `docs/sandbox-native.md` for the whole design. It holds the read end of a
 //! *lifeline* pipe whose write end only the runtime holds: when the runtime process dies
 //! (or drops the sandbox), the pipe closes, the kernel sends PID 1 `SIGIO`, and it exits —
 //! which makes the kernel kill everything else in the sandbox.
@@ -714,7 +716,7 @@ impl CgroupEntry {
     }
 }
 
-/// Everything the reaper needs, owned (Send) until the spawner turns it into pointers.
+/// Everything the reaper needs, owned, until [`ReaperJob::spawn`] turns it into pointers.
 #[derive(Debug)]
 pub(crate) struct ReaperJob {
     /// (parent fd, child fd); the parent fds are owned by `keep`.
