@@ -16,6 +16,8 @@ use symbiont_runtime::{AgentId, ResourceLimits};
 use tokio::io::AsyncReadExt;
 
 fn bench(c: &mut Criterion) {
+    // `SYMBIONT_LOG_LEVEL=symbiont_runtime::sandbox::native=trace` shows per-stage timings.
+    symbiont_runtime::init_logging("warn", symbiont_runtime::config::LogFormat::Text);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1008,3 +1008,68 @@ async fn the_sandbox_dies_with_the_runtime_process() {
     }
     assert!(!state.path().join(&id).exists(), "stale state not swept");
 }
+
+const LOOPBACK_PY: &str = r#"
+import os, socket
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+c = socket.create_connection(s.getsockname(), timeout=2)
+a, _ = s.accept(); a.sendall(b"lo-ok"); print(c.recv(16).decode())
+print(os.readlink("/proc/self/ns/net"))
+"#;
+
+#[tokio::test]
+async fn each_sandbox_has_its_own_working_loopback_with_or_without_the_netns_pool() {
+    let host_ns = std::fs::read_link("/proc/self/ns/net").expect("host netns");
+    for pool in [0usize, 2] {
+        let env = env_with(|c| c.native.netns_pool = pool);
+        if pool > 0 {
+            // Let the pool fill so the pooled path is the one exercised.
+            let p = symbiont_runtime::sandbox::native::net::NetnsPool::global(pool).expect("pool");
+            let t = Instant::now();
+            while p.available() == 0 && t.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(p.available() > 0, "the network namespace pool never filled");
+        }
+        let a = env
+            .backend
+            .create_native(sh("sleep 1000"))
+            .await
+            .expect("create a");
+        let _ioa = a.start().await.expect("start a");
+        let (exit, out, err) = run(&env, spec(&["/usr/bin/python3", "-c", LOOPBACK_PY])).await;
+        assert!(exit.success(), "pool {pool}: {exit:?} {err}");
+        let mut lines = out.lines();
+        assert_eq!(lines.next(), Some("lo-ok"), "pool {pool}: {out}");
+        let b_ns = lines.next().expect("netns").to_string();
+        let a_out = a
+            .exec(
+                &["/bin/readlink".into(), "/proc/self/ns/net".into()],
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("exec a");
+        let a_ns = String::from_utf8_lossy(&a_out.stdout).trim().to_string();
+        assert!(a_ns.starts_with("net:["), "{a_ns}");
+        assert_ne!(
+            a_ns, b_ns,
+            "pool {pool}: two sandboxes share a network namespace"
+        );
+        assert_ne!(
+            Path::new(&a_ns),
+            host_ns,
+            "pool {pool}: sandbox in the host's namespace"
+        );
+        assert_ne!(
+            Path::new(&b_ns),
+            host_ns,
+            "pool {pool}: sandbox in the host's namespace"
+        );
+        a.destroy().await.expect("destroy a");
+    }
+    // The runtime's own threads never stay in a sandbox's namespace.
+    assert_eq!(
+        std::fs::read_link("/proc/thread-self/ns/net").expect("thread netns"),
+        host_ns
+    );
+}

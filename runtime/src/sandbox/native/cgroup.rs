@@ -268,7 +268,7 @@ impl SandboxCgroup {
     }
 
     /// Creates the directories (and on v2 enables the controllers on the way down), then
-    /// applies `limits`.
+    /// applies `limits` (skipping values a fresh cgroup already has).
     pub fn create(&self, limits: &CgroupLimits) -> Result<(), SandboxError> {
         match self.layout.version {
             CgroupVersion::V1 => {
@@ -293,22 +293,26 @@ impl SandboxCgroup {
                 })?;
             }
         }
-        if let Err(e) = self.apply(limits) {
+        if let Err(e) = self.apply_inner(limits, true) {
             let _ = self.remove(Duration::from_millis(200));
             return Err(e);
         }
         Ok(())
     }
 
-    /// Writes `limits` (used at creation and for live updates).
+    /// Writes `limits` (used for live updates).
     pub fn apply(&self, limits: &CgroupLimits) -> Result<(), SandboxError> {
+        self.apply_inner(limits, false)
+    }
+
+    fn apply_inner(&self, limits: &CgroupLimits, fresh: bool) -> Result<(), SandboxError> {
         match self.layout.version {
-            CgroupVersion::V1 => self.apply_v1(limits),
-            CgroupVersion::V2 => self.apply_v2(limits),
+            CgroupVersion::V1 => self.apply_v1(limits, fresh),
+            CgroupVersion::V2 => self.apply_v2(limits, fresh),
         }
     }
 
-    fn apply_v1(&self, l: &CgroupLimits) -> Result<(), SandboxError> {
+    fn apply_v1(&self, l: &CgroupLimits, fresh: bool) -> Result<(), SandboxError> {
         let mem = self.dir("memory");
         let limit = mem.join("memory.limit_in_bytes");
         let memsw = mem.join("memory.memsw.limit_in_bytes");
@@ -327,10 +331,14 @@ impl SandboxCgroup {
             }
         }
         let cpu = self.dir("cpu");
-        write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+        // A fresh cgroup's period is the kernel default (100 ms), the one we use.
+        if !fresh || !cpu.join("cpu.cfs_period_us").exists() {
+            write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+        }
         write(&cpu.join("cpu.cfs_quota_us"), &l.cpu_quota_us().to_string())?;
         write(&self.dir("pids").join("pids.max"), &l.pids_max.to_string())?;
-        if let Some((maj, min)) = l.block_device {
+        // A fresh cgroup has no throttle rule: nothing to write for "unlimited".
+        if let Some((maj, min)) = l.block_device.filter(|_| !(fresh && l.disk_bps == 0)) {
             let blk = self.dir("blkio");
             // 0 removes the rule (unlimited).
             let v = format!("{maj}:{min} {}", l.disk_bps);
@@ -340,7 +348,7 @@ impl SandboxCgroup {
         Ok(())
     }
 
-    fn apply_v2(&self, l: &CgroupLimits) -> Result<(), SandboxError> {
+    fn apply_v2(&self, l: &CgroupLimits, fresh: bool) -> Result<(), SandboxError> {
         let dir = self.dir("");
         write(&dir.join("memory.max"), &l.memory_bytes.to_string())?;
         let swap = dir.join("memory.swap.max");
@@ -353,7 +361,7 @@ impl SandboxCgroup {
             &format!("{} {CPU_PERIOD_US}", l.cpu_quota_us()),
         )?;
         write(&dir.join("pids.max"), &l.pids_max.to_string())?;
-        if let Some((maj, min)) = l.block_device {
+        if let Some((maj, min)) = l.block_device.filter(|_| !(fresh && l.disk_bps == 0)) {
             let v = if l.disk_bps == 0 {
                 format!("{maj}:{min} rbps=max wbps=max")
             } else {
@@ -372,8 +380,8 @@ impl SandboxCgroup {
         Ok(())
     }
 
-    /// The pids in the cgroup, never the runtime's own (on v1 a runtime thread passes
-    /// through a sandbox's cgroups for an instant while it clones into them).
+    /// The pids in the cgroup, never the runtime's own (a safety net: killing them must
+    /// never take the runtime down).
     pub fn pids(&self) -> Vec<i32> {
         let dir = match self.layout.version {
             CgroupVersion::V1 => self.dir("freezer"),
@@ -389,10 +397,10 @@ impl SandboxCgroup {
             .collect()
     }
 
-    /// v1: the `tasks` files through which the *calling thread* joins this cgroup (writing
-    /// `0` to `tasks` moves only the caller and, unlike `cgroup.procs`, takes no global
-    /// lock, so a child cloned right after is born inside). Empty on v2, where
-    /// `CLONE_INTO_CGROUP` does the same.
+    /// v1: the `tasks` files through which a freshly cloned, single-threaded child moves
+    /// itself into this cgroup (writing `0` to `tasks` moves only the caller and, unlike a
+    /// pid written to `cgroup.procs`, takes no global lock). Empty on v2, where
+    /// `CLONE_INTO_CGROUP` places the child at birth.
     pub fn thread_join_files(&self) -> Vec<PathBuf> {
         match self.layout.version {
             CgroupVersion::V1 => self.dirs.iter().map(|(_, d)| d.join("tasks")).collect(),
@@ -611,37 +619,6 @@ fn enable_v2_controllers(dir: &Path) -> Result<(), SandboxError> {
         return Ok(());
     }
     write(&f, &want)
-}
-
-/// v1: the `tasks` files of the calling thread's current cgroups in our controllers (to move
-/// it back after cloning into a sandbox's cgroups), from `/proc/thread-self/cgroup`.
-pub fn thread_home_files(layout: &CgroupLayout) -> Vec<PathBuf> {
-    if layout.version != CgroupVersion::V1 {
-        return Vec::new();
-    }
-    let text = fs::read_to_string("/proc/thread-self/cgroup").unwrap_or_default();
-    home_files_from(layout, &text)
-}
-
-/// Parses `/proc/<pid>/cgroup` text into the `tasks` files of each of our v1 controllers.
-pub fn home_files_from(layout: &CgroupLayout, text: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for c in V1_CONTROLLERS {
-        let path = text.lines().find_map(|l| {
-            let mut it = l.splitn(3, ':');
-            let (_, ctrls, path) = (it.next()?, it.next()?, it.next()?);
-            ctrls.split(',').any(|x| x == c).then(|| path.to_string())
-        });
-        let rel = path.unwrap_or_else(|| "/".into());
-        out.push(
-            layout
-                .root
-                .join(c)
-                .join(rel.trim_start_matches('/'))
-                .join("tasks"),
-        );
-    }
-    out
 }
 
 /// The whole-disk block device backing `path` (a partition is mapped to its disk, since
@@ -917,23 +894,21 @@ mod tests {
     }
 
     #[test]
-    fn thread_home_files_follow_proc_cgroup() {
+    fn join_files_are_v1_tasks_files() {
         let t = v1_tree();
         let layout = CgroupLayout::detect(t.path()).expect("layout");
-        let text =
-            "9:name=systemd:/\n8:pids:/\n4:memory:/process_api/abc\n2:cpu,cpuacct:/x\n0::/\n";
-        let files = home_files_from(&layout, text);
-        assert_eq!(files[0], t.path().join("memory/process_api/abc/tasks"));
-        assert_eq!(files[1], t.path().join("cpu/x/tasks"));
-        assert_eq!(files[2], t.path().join("cpuacct/x/tasks"));
-        assert_eq!(files[3], t.path().join("pids/tasks"));
-        assert_eq!(files[5], t.path().join("freezer/tasks"));
         let cg = SandboxCgroup::new(&layout, "j");
         assert_eq!(
             cg.thread_join_files()[0],
             t.path().join("memory/symbiont/j/tasks")
         );
+        assert_eq!(cg.thread_join_files().len(), V1_CONTROLLERS.len());
         assert!(cg.v2_dir().is_none());
+        let t2 = v2_tree();
+        let layout = CgroupLayout::detect(t2.path()).expect("layout");
+        let cg = SandboxCgroup::new(&layout, "j");
+        assert!(cg.thread_join_files().is_empty());
+        assert_eq!(cg.v2_dir(), Some(t2.path().join("symbiont/j").as_path()));
     }
 
     #[test]

@@ -9,28 +9,33 @@
 //! (a stage number and `errno`), which the parent turns into error messages.
 //!
 //! # The reaper (PID 1 of the sandbox's PID namespace)
-//! It is cloned by [`clone3_fork`] with the new namespaces, already inside the sandbox's
-//! cgroups. It
-//! 1. moves its pipes to fixed descriptors, closes every other inherited descriptor, arms
-//!    the *lifeline* (SIGIO when the runtime's end of a pipe closes → exit) and becomes
-//!    non-dumpable (its memory is a copy of the runtime's);
+//! It is cloned by [`clone3_fork`] with the new namespaces (or into a pooled network
+//! namespace), already inside the sandbox's cgroups. It
+//! 1. moves its pipes to fixed descriptors, closes every other inherited descriptor, resets
+//!    signal dispositions, arms the *lifeline* (SIGIO when the runtime's end of a pipe
+//!    closes → exit), becomes non-dumpable and scrubs its command line (its memory is a
+//!    copy of the runtime's), and empties its capability bounding set;
 //! 2. replays the mount plan (binds, `/proc`, `pivot_root`, read-only root), sets the
-//!    hostname, brings `lo` up and enters a fresh cgroup namespace — all while the parent
-//!    writes the uid/gid maps and plumbs the network;
+//!    hostname, brings `lo` up, enters a fresh cgroup namespace, and sets
+//!    `no_new_privs` and the seccomp filters — all while the parent writes the uid/gid maps
+//!    and plumbs the network;
 //! 3. waits on the sync pipe for the parent's go;
 //! 4. starts the program child vfork-style (`CLONE_VM | CLONE_VFORK` on a stack prepared by
-//!    the parent: no page-table copy); the child resets signal dispositions, raises its
-//!    `oom_score_adj` (so the kernel's OOM killer prefers it over the reaper, whose memory
-//!    map is a copy of the runtime's), confines itself and `execve`s the program;
+//!    the parent: no page-table copy). The child inherits the default dispositions, the
+//!    empty bounding set, `no_new_privs` and the filters; it raises its `oom_score_adj` (so
+//!    the kernel's OOM killer prefers it over the reaper, whose memory map is a copy of the
+//!    runtime's), applies the rest of the confinement and `execve`s the program;
 //! 5. reports STARTED, confines itself too, forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/
 //!    SIGUSR2/SIGWINCH/SIGCONT to the program, reaps every orphan, and when the program
 //!    ends reports its wait status and exits — which makes the kernel kill whatever else is
 //!    left in the namespace.
 //!
-//! # Confinement (each process applies it to itself)
-//! rlimits → drop the bounding set → clear ambient → `setgroups([])` → `setresgid` /
+//! # Confinement
+//! rlimits → empty bounding set → clear ambient → `setgroups([])` → `setresgid` /
 //! `setresuid` to the sandbox user → `capset` all-zero (effective, permitted, inheritable)
-//! → `PR_SET_NO_NEW_PRIVS` → Landlock `restrict_self` → the three seccomp filters.
+//! → `PR_SET_NO_NEW_PRIVS` → Landlock `restrict_self` → the three seccomp filters. The
+//! program child inherits the bounding set, `no_new_privs` and the filters from the reaper
+//! and applies the rest itself; an `exec` command applies all of it.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -257,6 +262,8 @@ pub struct Program {
 /// Everything the reaper needs.
 #[derive(Clone, Copy, Debug)]
 pub struct ReaperArgs {
+    /// Null-terminated list of cgroup v1 `tasks` files to join (empty on v2).
+    pub cgroup_tasks: *const *const c_char,
     /// (parent fd, child fd) pairs; parent fd -1 closes the child fd.
     pub fds: [(c_int, c_int); MAX_FDS],
     /// Used entries in `fds`.
@@ -290,6 +297,8 @@ pub struct ReaperArgs {
 /// Everything the exec helper needs.
 #[derive(Clone, Copy, Debug)]
 pub struct ExecArgs {
+    /// Null-terminated list of cgroup v1 `tasks` files to join (empty on v2).
+    pub cgroup_tasks: *const *const c_char,
     /// (parent fd, child fd) pairs.
     pub fds: [(c_int, c_int); MAX_FDS],
     /// Used entries in `fds`.
@@ -380,6 +389,31 @@ unsafe fn mark_to(fd: c_int, on: bool, m: i32) {
     if on {
         // SAFETY: raw write of a stack record.
         unsafe { report_to(fd, kind::TIMING, m, monotonic_us()) }
+    }
+}
+
+/// Moves the calling (single-threaded) process into the cgroups by writing `0` to each
+/// `tasks` file. Returns false on failure.
+unsafe fn join_cgroups(tasks: *const *const c_char) -> bool {
+    // SAFETY: open/write/close on prepared, NUL-terminated paths.
+    unsafe {
+        let mut i = 0;
+        loop {
+            let path = *tasks.add(i);
+            if path.is_null() {
+                return true;
+            }
+            let fd = libc::open(path, libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return false;
+            }
+            let ok = libc::write(fd, c"0".as_ptr() as *const c_void, 1) == 1;
+            libc::close(fd);
+            if !ok {
+                return false;
+            }
+            i += 1;
+        }
     }
 }
 
@@ -563,9 +597,33 @@ unsafe fn drop_bounding_set(last_cap: u32) -> Result<(), i32> {
     }
 }
 
+/// Installs the seccomp programs (needs `no_new_privs` or CAP_SYS_ADMIN).
+unsafe fn install_seccomp(c: &Confine) -> Result<(), i32> {
+    // SAFETY: prctl with pointers to prepared sock_fprog structures.
+    unsafe {
+        for prog in &c.seccomp {
+            if prog.len == 0 {
+                continue;
+            }
+            if libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER as c_ulong,
+                prog as *const libc::sock_fprog as c_ulong,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(stage::SECCOMP);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Applies [`Confine`] to the calling process. Returns the failed stage on error.
-/// `bounding_dropped`: the bounding set was already emptied (inherited from the reaper).
-unsafe fn confine(c: &Confine, bounding_dropped: bool) -> Result<(), i32> {
+/// `inherited`: the bounding set is already empty and the seccomp filters are already
+/// installed (both inherited from the reaper).
+unsafe fn confine(c: &Confine, inherited: bool) -> Result<(), i32> {
     // SAFETY: raw syscalls on prepared values.
     unsafe {
         for (res, lim) in &c.rlimits[..c.n_rlimits] {
@@ -573,7 +631,7 @@ unsafe fn confine(c: &Confine, bounding_dropped: bool) -> Result<(), i32> {
                 return Err(stage::RLIMIT);
             }
         }
-        if !bounding_dropped {
+        if !inherited {
             drop_bounding_set(c.last_cap)?;
         }
         if libc::prctl(
@@ -618,20 +676,8 @@ unsafe fn confine(c: &Confine, bounding_dropped: bool) -> Result<(), i32> {
         {
             return Err(stage::LANDLOCK);
         }
-        for prog in &c.seccomp {
-            if prog.len == 0 {
-                continue;
-            }
-            if libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER as c_ulong,
-                prog as *const libc::sock_fprog as c_ulong,
-                0,
-                0,
-            ) != 0
-            {
-                return Err(stage::SECCOMP);
-            }
+        if !inherited {
+            install_seccomp(c)?;
         }
         Ok(())
     }
@@ -737,7 +783,9 @@ extern "C" fn program_entry(arg: *mut c_void) -> c_int {
     }
 }
 
-unsafe fn loopback_up() -> bool {
+/// Brings `lo` of the calling thread's network namespace up (nothing to do when it already
+/// is, as in namespaces from the pre-created pool). Async-signal-safe.
+pub fn loopback_up() -> bool {
     // SAFETY: ioctl on a fresh socket with a zeroed ifreq.
     unsafe {
         let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
@@ -747,10 +795,12 @@ unsafe fn loopback_up() -> bool {
         let mut ifr: libc::ifreq = std::mem::zeroed();
         ifr.ifr_name[0] = b'l' as c_char;
         ifr.ifr_name[1] = b'o' as c_char;
-        let ok = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr) == 0 && {
-            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr) == 0
-        };
+        let up = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        let ok = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr) == 0
+            && (ifr.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short != 0 || {
+                ifr.ifr_ifru.ifru_flags |= up;
+                libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr) == 0
+            });
         libc::close(s);
         ok
     }
@@ -776,6 +826,11 @@ pub unsafe fn reaper_main(a: &ReaperArgs) -> ! {
     unsafe {
         if !arrange_fds(&a.fds[..a.n_fds]) {
             libc::_exit(2);
+        }
+        // Into the sandbox's cgroups before anything else (still host root, still seeing
+        // the host's cgroupfs).
+        if !join_cgroups(a.cgroup_tasks) {
+            fail_to(FD_REPORT, stage::CGROUP_JOIN);
         }
         // Default dispositions for everything (inherited from the runtime: SIGPIPE ignored,
         // tokio's handlers); the program child inherits them.
@@ -826,6 +881,14 @@ pub unsafe fn reaper_main(a: &ReaperArgs) -> ! {
         let devnull = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
         if devnull < 0 {
             fail_to(FD_REPORT, stage::DEVNULL);
+        }
+        // No more mounts or namespace changes from here on: install the syscall filter now,
+        // off the critical path; the program child inherits it.
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as c_ulong, 0, 0, 0) != 0 {
+            fail_to(FD_REPORT, stage::NO_NEW_PRIVS);
+        }
+        if let Err(st) = install_seccomp(&a.confine) {
+            fail_to(FD_REPORT, st);
         }
         // Wait for the parent: uid/gid maps written, network plumbed.
         let mut go = 0u8;
@@ -909,6 +972,9 @@ pub unsafe fn exec_main(a: &ExecArgs) -> ! {
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as c_ulong, 0, 0, 0);
         if !arrange_fds(&a.fds[..a.n_fds]) {
             libc::_exit(2);
+        }
+        if !join_cgroups(a.cgroup_tasks) {
+            fail_to(EXEC_FD_REPORT, stage::CGROUP_JOIN);
         }
         for (i, (fd, nstype)) in a.namespaces[..a.n_namespaces].iter().enumerate() {
             if libc::setns(*fd, *nstype) != 0 {

@@ -9,7 +9,7 @@
 //! - [`seccomp`]: the compiled syscall filters;
 //! - [`net`]: veth + NAT + token buckets for sandboxes holding `Capability::Network`;
 //! - [`child`]: the async-signal-safe code between clone and exec (PID 1 reaper, exec helper);
-//! - [`sandbox`]: [`NativeSandbox`], the [`Sandbox`](crate::sandbox::Sandbox) implementation.
+//! - [`sandbox`]: [`NativeSandbox`], the `Sandbox` implementation.
 //!
 //! # Identity
 //! The user namespace maps sandbox uids/gids `0..uid_count` to host ids
@@ -19,7 +19,9 @@
 //!
 //! # Process model
 //! The sandbox's PID 1 is cloned directly from the calling thread (a fork-like `clone3`
-//! with the new namespaces, born inside the sandbox's cgroups). It holds the read end of a
+//! with the new namespaces; it joins the sandbox's cgroups itself before anything else, and
+//! its network namespace comes from a pool created ahead of time). See [`child`] for what it
+//! does and `docs/sandbox-native.md` for the whole design. It holds the read end of a
 //! *lifeline* pipe whose write end only the runtime holds: when the runtime process dies
 //! (or drops the sandbox), the pipe closes, the kernel sends PID 1 `SIGIO`, and it exits —
 //! which makes the kernel kill everything else in the sandbox.
@@ -71,6 +73,9 @@ pub struct NativeConfig {
     /// How long the child may take to set itself up and exec the program.
     #[serde(with = "humantime_serde")]
     pub start_timeout: Duration,
+    /// Network namespaces kept ready (with `lo` up) so that starts do not pay for creating
+    /// one; 0 creates each at start.
+    pub netns_pool: usize,
 }
 
 impl Default for NativeConfig {
@@ -90,6 +95,7 @@ impl Default for NativeConfig {
             subnet: "10.213.0.0/16".to_string(),
             nofile_limit: 4096,
             start_timeout: Duration::from_secs(10),
+            netns_pool: 4,
         }
     }
 }
@@ -146,6 +152,9 @@ impl Validate for NativeConfig {
         }
         if self.nofile_limit < 64 {
             issues.push(ConfigIssue::new(k("nofile_limit"), "must be at least 64"));
+        }
+        if self.netns_pool > 64 {
+            issues.push(ConfigIssue::new(k("netns_pool"), "must be at most 64"));
         }
         if self.start_timeout.is_zero() {
             issues.push(ConfigIssue::new(
@@ -217,7 +226,20 @@ pub(crate) struct Host {
     pub enforcement: EnforcementSupport,
     pub devices: Vec<String>,
     pub entries: Vec<plan::HostEntry>,
+    /// The shared read-only root skeleton (`<state_dir>/.template-<pid>-<rand>/root`).
+    pub template: PathBuf,
 }
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(dir) = self.template.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Prefix of the shared skeleton directories in `state_dir`.
+pub const TEMPLATE_PREFIX: &str = ".template-";
 
 /// Prefix of every native sandbox id (and so of its cgroups and state directory).
 pub const ID_PREFIX: &str = "nat-";
@@ -236,9 +258,14 @@ pub fn sandbox_id(agent: &crate::types::AgentId) -> String {
     )
 }
 
-/// The runtime pid recorded in a sandbox id, when it has one.
+/// The runtime pid recorded in a sandbox id (or a shared skeleton's name), when it has one.
 pub fn owner_pid(id: &str) -> Option<u32> {
-    id.strip_prefix(ID_PREFIX)?.split('-').next()?.parse().ok()
+    id.strip_prefix(ID_PREFIX)
+        .or_else(|| id.strip_prefix(TEMPLATE_PREFIX))?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// True when the runtime that created sandbox `id` is gone.
@@ -310,12 +337,32 @@ impl NativeBackend {
             disk_io: block_device.is_some() && (has("blkio") || has("io")),
             network_io: command_exists("tc"),
         };
-        let devices = plan::DEVICES
+        let devices: Vec<String> = plan::DEVICES
             .iter()
             .filter(|d| Path::new("/dev").join(d).exists())
             .map(|d| d.to_string())
             .collect();
         let entries = plan::host_entries(&config.native.ro_binds);
+        let rand = uuid::Uuid::new_v4().simple().to_string();
+        let template_dir = config.state_dir.join(format!(
+            "{TEMPLATE_PREFIX}{}-{}",
+            std::process::id(),
+            &rand[..8]
+        ));
+        let n = &config.native;
+        let made = plan::create_skeleton(&plan::Skeleton {
+            root: &template_dir.join("root"),
+            entries: &entries,
+            devices: &devices,
+            host_uid: 0,
+            host_gid: 0,
+            writable_root: false,
+            etc: plan::etc_files("symbiont", n.sandbox_uid, n.sandbox_gid, None),
+        });
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&template_dir);
+            return Err(e);
+        }
         let backend = Self {
             config: Arc::new(config),
             host: Arc::new(Host {
@@ -327,9 +374,12 @@ impl NativeBackend {
                 enforcement,
                 devices,
                 entries,
+                template: template_dir.join("root"),
             }),
         };
         backend.sweep_stale();
+        // Start filling the network namespace pool now, so the first start benefits.
+        net::NetnsPool::global(backend.config.native.netns_pool);
         Ok(backend)
     }
 
@@ -365,6 +415,8 @@ impl NativeBackend {
                     let name = e.file_name().to_string_lossy().to_string();
                     if name.starts_with(ID_PREFIX) && owner_is_dead(&name) {
                         ids.insert(name);
+                    } else if name.starts_with(TEMPLATE_PREFIX) && owner_is_dead(&name) {
+                        let _ = std::fs::remove_dir_all(e.path());
                     }
                 }
             }
@@ -606,34 +658,48 @@ pub(crate) struct OwnedMount {
     pub pivot: bool,
 }
 
-/// How a cloned child gets into its sandbox's cgroups without a (slow, globally locked)
-/// migration: v1 moves the calling thread into them for the instant of the clone; v2 clones
-/// straight into the directory.
+/// How a cloned child gets into its sandbox's cgroups without a slow migration. Writing a
+/// pid to `cgroup.procs` takes a global lock that waits for an RCU grace period (milliseconds
+/// on a busy host); instead, on v1 the child moves *itself* by writing `0` to each
+/// controller's `tasks` file (one thread, no global lock), first thing after the clone and
+/// in parallel with the parent; on v2 it is cloned straight into the directory
+/// (`CLONE_INTO_CGROUP`).
 #[derive(Debug, Clone)]
 pub(crate) enum CgroupEntry {
-    /// v1: `tasks` files to join, and the calling thread's own to return to.
-    V1 {
-        join: Vec<PathBuf>,
-        home: Vec<PathBuf>,
-    },
+    /// v1: the `tasks` files the child writes `0` to.
+    V1 { tasks: Vec<CString> },
     /// v2: the directory for `CLONE_INTO_CGROUP`.
     V2 { dir: PathBuf },
 }
 
 impl CgroupEntry {
-    pub(crate) fn for_cgroup(cg: &cgroup::SandboxCgroup, layout: &cgroup::CgroupLayout) -> Self {
-        match cg.v2_dir() {
+    pub(crate) fn for_cgroup(cg: &cgroup::SandboxCgroup) -> Result<Self, SandboxError> {
+        Ok(match cg.v2_dir() {
             Some(d) => CgroupEntry::V2 {
                 dir: d.to_path_buf(),
             },
             None => CgroupEntry::V1 {
-                join: cg.thread_join_files(),
-                home: cgroup::thread_home_files(layout),
+                tasks: cg
+                    .thread_join_files()
+                    .iter()
+                    .map(|p| {
+                        CString::new(p.as_os_str().as_encoded_bytes())
+                            .map_err(|_| SandboxError::op("cgroup", "NUL in a cgroup path"))
+                    })
+                    .collect::<Result<_, _>>()?,
             },
+        })
+    }
+
+    /// The v1 `tasks` paths (empty on v2).
+    fn tasks(&self) -> &[CString] {
+        match self {
+            CgroupEntry::V1 { tasks } => tasks,
+            CgroupEntry::V2 { .. } => &[],
         }
     }
 
-    /// Runs `clone` with the child born in the cgroup; returns its result.
+    /// Runs `clone` with the v2 cgroup descriptor when there is one.
     fn clone_into(
         &self,
         clone: impl FnOnce(Option<libc::c_int>) -> Result<Cloned, SandboxError>,
@@ -645,40 +711,12 @@ impl CgroupEntry {
                 use std::os::fd::AsRawFd;
                 clone(Some(d.as_raw_fd()))
             }
-            CgroupEntry::V1 { join, home } => {
-                let t0 = std::time::Instant::now();
-                let mut joined = Ok(());
-                for f in join {
-                    if let Err(e) = std::fs::write(f, "0") {
-                        joined = Err(SandboxError::op(
-                            "cgroup join",
-                            format!("{}: {e}", f.display()),
-                        ));
-                        break;
-                    }
-                }
-                let t1 = std::time::Instant::now();
-                let r = joined.and_then(|()| clone(None));
-                let t2 = std::time::Instant::now();
-                // Always go home, whatever happened.
-                for f in home {
-                    if let Err(e) = std::fs::write(f, "0") {
-                        tracing::error!(file = %f.display(), error = %e, "the cloning thread could not leave a sandbox cgroup");
-                    }
-                }
-                tracing::trace!(
-                    join_us = (t1 - t0).as_micros() as u64,
-                    clone_us = (t2 - t1).as_micros() as u64,
-                    home_us = t2.elapsed().as_micros() as u64,
-                    "cloned into the sandbox cgroups"
-                );
-                r
-            }
+            CgroupEntry::V1 { .. } => clone(None),
         }
     }
 }
 
-/// Everything the reaper needs, owned (Send) until the spawner turns it into pointers.
+/// Everything the reaper needs, owned, until [`ReaperJob::spawn`] turns it into pointers.
 #[derive(Debug)]
 pub(crate) struct ReaperJob {
     /// (parent fd, child fd); the parent fds are owned by `keep`.
@@ -691,6 +729,8 @@ pub(crate) struct ReaperJob {
     pub confine: OwnedConfine,
     pub timing: bool,
     pub cgroup: CgroupEntry,
+    /// A pre-created network namespace to start in (else a new one is created).
+    pub netns: Option<OwnedFd>,
 }
 
 /// Everything the exec helper needs.
@@ -739,6 +779,34 @@ fn argv_area() -> Option<(usize, usize)> {
     })
 }
 
+/// Runs `f` with the calling thread in network namespace `ns` (when given), so that a child
+/// cloned meanwhile starts there; the thread returns to its own namespace afterwards.
+fn with_netns(
+    ns: Option<&OwnedFd>,
+    f: impl FnOnce() -> Result<Cloned, SandboxError>,
+) -> Result<Cloned, SandboxError> {
+    use std::os::fd::AsRawFd;
+    let Some(ns) = ns else { return f() };
+    let home = std::fs::File::open("/proc/thread-self/ns/net")
+        .map_err(|e| SandboxError::op("netns", e))?;
+    // SAFETY: setns on the calling thread with valid namespace descriptors.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(SandboxError::op("netns", std::io::Error::last_os_error()));
+    }
+    let r = f();
+    // SAFETY: as above.
+    if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        // A runtime thread left inside a sandbox's network namespace would open the
+        // runtime's sockets there: unrecoverable.
+        tracing::error!(
+            error = %std::io::Error::last_os_error(),
+            "cannot return to the host network namespace; aborting"
+        );
+        std::process::abort();
+    }
+    r
+}
+
 /// Stack of the program child between its vfork-style clone and exec.
 const PROGRAM_STACK: usize = 256 * 1024;
 
@@ -759,7 +827,9 @@ impl ReaperJob {
         let ptrs = self.program.ptrs();
         let (fds, n_fds) = fd_table(&self.fds)?;
         let mut stack = vec![0u8; PROGRAM_STACK];
+        let tasks = null_terminated(self.cgroup.tasks());
         let args = child::ReaperArgs {
+            cgroup_tasks: tasks.as_ptr(),
             fds,
             n_fds,
             mounts: mounts.as_ptr(),
@@ -774,17 +844,25 @@ impl ReaperJob {
             stack: stack.as_mut_ptr(),
             stack_len: stack.len(),
         };
+        let netns = self.netns.as_ref();
         let r = self.cgroup.clone_into(|cgroup_fd| {
-            let mut pidfd: libc::c_int = -1;
-            // SAFETY: fork-like clone; the child only runs reaper_main (async-signal-safe,
-            // raw syscalls on `args`, whose pointers target data alive in both address
-            // spaces).
-            let r = unsafe { child::clone3_fork(SANDBOX_NAMESPACES, &mut pidfd, cgroup_fd) };
-            if r == 0 {
-                // SAFETY: we are the child.
-                unsafe { child::reaper_main(&args) }
-            }
-            finish_clone(r, pidfd)
+            with_netns(netns, || {
+                let flags = if netns.is_some() {
+                    SANDBOX_NAMESPACES & !(libc::CLONE_NEWNET as u64)
+                } else {
+                    SANDBOX_NAMESPACES
+                };
+                let mut pidfd: libc::c_int = -1;
+                // SAFETY: fork-like clone; the child only runs reaper_main
+                // (async-signal-safe, raw syscalls on `args`, whose pointers target data
+                // alive in both address spaces).
+                let r = unsafe { child::clone3_fork(flags, &mut pidfd, cgroup_fd) };
+                if r == 0 {
+                    // SAFETY: we are the child.
+                    unsafe { child::reaper_main(&args) }
+                }
+                finish_clone(r, pidfd)
+            })
         });
         drop(self.keep);
         drop(stack);
@@ -800,9 +878,11 @@ impl ExecJob {
         }
         let ptrs = self.program.ptrs();
         let (fds, n_fds) = fd_table(&self.fds)?;
+        let tasks = null_terminated(self.cgroup.tasks());
         let mut namespaces = [(-1, 0); child::MAX_NS];
         namespaces[..self.namespaces.len()].copy_from_slice(&self.namespaces);
         let args = child::ExecArgs {
+            cgroup_tasks: tasks.as_ptr(),
             fds,
             n_fds,
             namespaces,

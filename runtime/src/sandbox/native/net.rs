@@ -507,6 +507,110 @@ pub fn sweep_rules(stale: impl Fn(&str) -> bool) -> usize {
     n
 }
 
+/// Network namespaces created ahead of time, with `lo` up, so that starting a sandbox does
+/// not pay for creating one (the most expensive namespace by far). A background thread keeps
+/// `target` of them ready; each is handed out once. They are owned by the host's user
+/// namespace, so root inside a sandbox cannot reconfigure its own network at all.
+#[derive(Debug)]
+pub struct NetnsPool {
+    state: std::sync::Arc<(std::sync::Mutex<Vec<OwnedFd>>, std::sync::Condvar)>,
+}
+
+static POOL: std::sync::OnceLock<NetnsPool> = std::sync::OnceLock::new();
+
+impl NetnsPool {
+    /// The process-wide pool, started on first use with `target` namespaces (0 disables it).
+    pub fn global(target: usize) -> Option<&'static NetnsPool> {
+        if target == 0 {
+            return None;
+        }
+        Some(POOL.get_or_init(|| {
+            let state =
+                std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
+            let s2 = state.clone();
+            let spawned = std::thread::Builder::new()
+                .name("symbiont-netns-pool".into())
+                .spawn(move || refill(s2, target));
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the network namespace pool");
+            }
+            NetnsPool { state }
+        }))
+    }
+
+    /// How many namespaces are ready now.
+    pub fn available(&self) -> usize {
+        self.state.0.lock().map(|q| q.len()).unwrap_or(0)
+    }
+
+    /// A fresh namespace, or `None` when the pool is momentarily empty.
+    pub fn take(&self) -> Option<OwnedFd> {
+        let (lock, cv) = &*self.state;
+        let ns = lock.lock().ok()?.pop();
+        cv.notify_one();
+        ns
+    }
+}
+
+fn refill(
+    state: std::sync::Arc<(std::sync::Mutex<Vec<OwnedFd>>, std::sync::Condvar)>,
+    target: usize,
+) {
+    let (lock, cv) = &*state;
+    loop {
+        {
+            let Ok(mut q) = lock.lock() else { return };
+            while q.len() >= target {
+                q = match cv.wait(q) {
+                    Ok(q) => q,
+                    Err(_) => return,
+                };
+            }
+        }
+        match create_netns() {
+            Ok(ns) => {
+                if let Ok(mut q) = lock.lock() {
+                    q.push(ns);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Other => {
+                tracing::error!(error = %e, "network namespace pool stopped");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "network namespace pool: creation failed; retrying in 1s");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Creates a network namespace with `lo` up (on the calling thread, which returns home).
+fn create_netns() -> std::io::Result<OwnedFd> {
+    let home = std::fs::File::open("/proc/thread-self/ns/net")?;
+    // SAFETY: unshare/setns affect only this thread's network namespace.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNET) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let made = (|| {
+        if !super::child::loopback_up() {
+            return Err(std::io::Error::last_os_error());
+        }
+        std::fs::File::open("/proc/thread-self/ns/net").map(OwnedFd::from)
+    })();
+    // SAFETY: back to the namespace we came from.
+    if unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        // A pool thread stuck in a foreign namespace must not create more.
+        return Err(std::io::Error::other(format!(
+            "cannot return to the host network namespace: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    made.map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
 /// True when a host interface with this name exists.
 pub fn interface_exists(name: &str) -> bool {
     std::path::Path::new("/sys/class/net").join(name).exists()

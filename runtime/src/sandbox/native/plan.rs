@@ -4,10 +4,15 @@
 //! Everything here is plain data computed in the parent (where allocation is allowed) and
 //! unit-tested; [`super::child`] only replays it with raw system calls.
 //!
-//! The sandbox root is a host directory `<state_dir>/<id>/root` prepared by the parent:
-//! empty mount points for the read-only binds, `/workspace` and `/tmp` (owned by the
-//! sandbox user), `/dev` mount points, and a generated `/etc`. In the child it is bound onto
+//! The sandbox root is a *skeleton* directory on the host: empty mount points for the
+//! read-only binds, `/workspace`, `/tmp`, `/dev` entries and `/proc`, plus a generated `/etc`.
+//! Sandboxes without `Capability::FileSystem` share one read-only skeleton per backend
+//! (`<state_dir>/.template-<pid>-<random>`) and get only their private
+//! `<state_dir>/<id>/{workspace,tmp[,etc]}`; a sandbox with `FileSystem` gets its own,
+//! writable skeleton `<state_dir>/<id>/root`. In the child the skeleton is bound onto
 //! itself, filled with binds and a fresh `/proc`, and made the root with `pivot_root`.
+//! Mounts made in the child's mount namespace never show on the host, so a shared
+//! skeleton stays empty there.
 
 use std::ffi::CString;
 use std::fs;
@@ -148,6 +153,12 @@ pub struct MountInputs<'a> {
     pub devices: &'a [String],
     /// Whether the program may write outside `/workspace` and `/tmp`.
     pub writable_root: bool,
+    /// Host directory bound (read-write) at `/workspace`.
+    pub workspace: &'a Path,
+    /// Host directory bound (read-write) at `/tmp`.
+    pub tmp: &'a Path,
+    /// Host directory bound read-only at `/etc`, when the skeleton's is not the right one.
+    pub etc: Option<&'a Path>,
     /// Flag lookup (statvfs in production, a table in tests).
     pub locked: &'a dyn Fn(&Path) -> libc::c_ulong,
 }
@@ -192,9 +203,20 @@ pub fn mount_plan(i: &MountInputs<'_>) -> Vec<MountStep> {
             bind(p, under(i.root, p), MS_RDONLY | MS_NOSUID | MS_NODEV, true);
         }
     }
-    for d in ["workspace", "tmp"] {
-        let p = i.root.join(d);
-        bind(&p, p.clone(), MS_NOSUID | MS_NODEV, false);
+    bind(
+        i.workspace,
+        i.root.join("workspace"),
+        MS_NOSUID | MS_NODEV,
+        false,
+    );
+    bind(i.tmp, i.root.join("tmp"), MS_NOSUID | MS_NODEV, false);
+    if let Some(etc) = i.etc {
+        bind(
+            etc,
+            i.root.join("etc"),
+            MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+            false,
+        );
     }
     for d in i.devices {
         bind(
@@ -367,6 +389,42 @@ pub struct Skeleton<'a> {
     pub etc: Vec<(&'static str, String)>,
 }
 
+/// Creates a sandbox's private directories under `dir`: `workspace` (0755) and `tmp`
+/// (01777) owned by the sandbox user, and, when `etc` is given, an `etc` with those files.
+pub fn create_private_dirs(
+    dir: &Path,
+    host_uid: u32,
+    host_gid: u32,
+    etc: Option<&[(&'static str, String)]>,
+) -> Result<(), SandboxError> {
+    fs::create_dir_all(dir).map_err(io("mkdir", dir))?;
+    for (d, mode) in [("workspace", 0o755), ("tmp", 0o1777)] {
+        let p = dir.join(d);
+        fs::create_dir(&p).map_err(io("mkdir", &p))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).map_err(io("chmod", &p))?;
+        chown(&p, host_uid, host_gid)?;
+    }
+    if let Some(files) = etc {
+        write_etc(&dir.join("etc"), files)?;
+    }
+    Ok(())
+}
+
+/// Writes the generated `/etc` files (and a copy of the host's `ld.so.cache`) into `etc`.
+pub fn write_etc(etc: &Path, files: &[(&'static str, String)]) -> Result<(), SandboxError> {
+    fs::create_dir_all(etc).map_err(io("mkdir", etc))?;
+    for (name, body) in files {
+        let p = etc.join(name);
+        fs::write(&p, body).map_err(io("write", &p))?;
+    }
+    // The dynamic linker's cache is not secret and saves a directory search per library.
+    let cache = etc.join("ld.so.cache");
+    if Path::new("/etc/ld.so.cache").is_file() && !cache.exists() {
+        let _ = fs::copy("/etc/ld.so.cache", &cache);
+    }
+    Ok(())
+}
+
 /// Creates the root skeleton on the host.
 pub fn create_skeleton(s: &Skeleton<'_>) -> Result<(), SandboxError> {
     let root = s.root;
@@ -420,15 +478,7 @@ pub fn create_skeleton(s: &Skeleton<'_>) -> Result<(), SandboxError> {
         std::os::unix::fs::symlink(target, &p).map_err(io("symlink", &p))?;
     }
     let etc = root.join("etc");
-    for (name, body) in &s.etc {
-        let p = etc.join(name);
-        fs::write(&p, body).map_err(io("write", &p))?;
-    }
-    // The dynamic linker's cache is not secret and saves a directory search per library.
-    if Path::new("/etc/ld.so.cache").is_file() {
-        let p = etc.join("ld.so.cache");
-        let _ = fs::copy("/etc/ld.so.cache", &p);
-    }
+    write_etc(&etc, &s.etc)?;
     if s.writable_root {
         // The sandbox's own copy of the root and /etc belong to the sandbox user; the host
         // binds inside stay read-only mounts.
@@ -516,6 +566,9 @@ mod tests {
             entries,
             devices,
             writable_root: writable,
+            workspace: Path::new("/state/s1/workspace"),
+            tmp: Path::new("/state/s1/tmp"),
+            etc: None,
             locked: &no_locks,
         }
     }
@@ -566,7 +619,11 @@ mod tests {
         );
         // The symlinked /bin is not mounted at all.
         assert!(!targets(&plan).iter().any(|t| t.ends_with("/bin")));
-        // The workspace stays writable (no MS_RDONLY on its remount).
+        // The private workspace is bound into the (shared) root and stays writable.
+        assert!(plan.iter().any(|s| matches!(s,
+            MountStep::Mount { source: Some(src), target, .. }
+                if src == Path::new("/state/s1/workspace")
+                    && target == Path::new("/state/s1/root/workspace"))));
         let ws = plan
             .iter()
             .filter_map(|s| match s {
@@ -655,12 +712,19 @@ mod tests {
             entries: &entries,
             devices: &[],
             writable_root: false,
+            workspace: Path::new("/s/workspace"),
+            tmp: Path::new("/s/tmp"),
+            etc: Some(Path::new("/s/etc")),
             locked: &locked,
         };
         let plan = mount_plan(&i);
         assert!(plan.iter().any(|s| matches!(s,
             MountStep::Mount { source: None, target, flags, .. }
                 if target == Path::new("/r/usr") && flags & libc::MS_NOATIME != 0)));
+        // A per-sandbox /etc is bound read-only over the skeleton's.
+        assert!(plan.iter().any(|s| matches!(s,
+            MountStep::Mount { source: None, target, flags, .. }
+                if target == Path::new("/r/etc") && flags & libc::MS_RDONLY != 0)));
     }
 
     #[test]

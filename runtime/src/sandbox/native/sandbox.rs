@@ -61,7 +61,7 @@ struct Inner {
     backend: NativeBackend,
     spec: SandboxSpec,
     dir: PathBuf,
-    root: PathBuf,
+    paths: SandboxPaths,
     cgroup: SandboxCgroup,
     landlock: Option<OwnedFd>,
     limits: parking_lot::Mutex<ResourceLimits>,
@@ -236,14 +236,14 @@ impl NativeSandbox {
         }
         let id = super::sandbox_id(&spec.agent_id);
         let dir = backend.config.state_dir.join(&id);
-        let root = dir.join("root");
+        let paths = SandboxPaths::new(&backend, &spec, &dir);
         let cgroup = SandboxCgroup::new(&backend.host.layout, &id);
         let limits = spec.limits.clone();
         let env = plan::environment(&spec, None)?;
         let (exit_tx, _) = watch::channel(None);
         // About 2 ms of filesystem and cgroupfs work, done inline: a hop to the blocking
         // pool costs more than that on a busy host, and start latency is what matters.
-        let landlock = match prepare_host(&backend, &spec, &root, &cgroup) {
+        let landlock = match prepare_host(&backend, &spec, &paths, &dir, &cgroup) {
             Ok(l) => l,
             Err(e) => {
                 let _ = cgroup.remove(Duration::from_millis(500));
@@ -258,7 +258,7 @@ impl NativeSandbox {
                 backend,
                 spec,
                 dir,
-                root,
+                paths,
                 cgroup,
                 landlock,
                 limits: parking_lot::Mutex::new(limits),
@@ -280,7 +280,7 @@ impl NativeSandbox {
 
     /// The host directory holding this sandbox's root (for diagnostics and tests).
     pub fn root_dir(&self) -> &Path {
-        &self.inner.root
+        &self.inner.paths.root
     }
 
     /// The host directory holding all of this sandbox's state (`<state_dir>/<id>`).
@@ -309,10 +309,53 @@ impl NativeSandbox {
     }
 }
 
+/// Where a sandbox's root and private directories are on the host.
+#[derive(Debug, Clone)]
+struct SandboxPaths {
+    /// The skeleton that becomes `/`: the backend's shared read-only template, or (with
+    /// `Capability::FileSystem`) the sandbox's own writable copy.
+    root: PathBuf,
+    /// Bound at `/workspace`.
+    workspace: PathBuf,
+    /// Bound at `/tmp`.
+    tmp: PathBuf,
+    /// Bound read-only at `/etc` when the skeleton's is not the sandbox's (a networked
+    /// sandbox on the shared template needs its own `hosts`/`resolv.conf`).
+    etc_bind: Option<PathBuf>,
+    /// Where the generated `/etc` files of this sandbox live (rewritten at start when the
+    /// network address is known).
+    etc_dir: Option<PathBuf>,
+}
+
+impl SandboxPaths {
+    fn new(b: &NativeBackend, spec: &SandboxSpec, dir: &Path) -> Self {
+        if spec.has_capability(&Capability::FileSystem) {
+            let root = dir.join("root");
+            Self {
+                workspace: root.join("workspace"),
+                tmp: root.join("tmp"),
+                etc_bind: None,
+                etc_dir: Some(root.join("etc")),
+                root,
+            }
+        } else {
+            let net = spec.has_capability(&Capability::Network);
+            Self {
+                root: b.host.template.clone(),
+                workspace: dir.join("workspace"),
+                tmp: dir.join("tmp"),
+                etc_bind: net.then(|| dir.join("etc")),
+                etc_dir: net.then(|| dir.join("etc")),
+            }
+        }
+    }
+}
+
 fn prepare_host(
     b: &NativeBackend,
     spec: &SandboxSpec,
-    root: &Path,
+    paths: &SandboxPaths,
+    dir: &Path,
     cgroup: &SandboxCgroup,
 ) -> Result<Option<OwnedFd>, SandboxError> {
     let t0 = Instant::now();
@@ -320,17 +363,27 @@ fn prepare_host(
     let host_uid = n.uid_base + n.sandbox_uid;
     let host_gid = n.uid_base + n.sandbox_gid;
     let writable_root = spec.has_capability(&Capability::FileSystem);
-    plan::create_skeleton(&plan::Skeleton {
-        root,
-        entries: &b.host.entries,
-        devices: &b.host.devices,
-        host_uid,
-        host_gid,
-        writable_root,
-        etc: plan::etc_files("symbiont", n.sandbox_uid, n.sandbox_gid, None),
-    })?;
+    let etc = plan::etc_files("symbiont", n.sandbox_uid, n.sandbox_gid, None);
+    if writable_root {
+        plan::create_skeleton(&plan::Skeleton {
+            root: &paths.root,
+            entries: &b.host.entries,
+            devices: &b.host.devices,
+            host_uid,
+            host_gid,
+            writable_root,
+            etc,
+        })?;
+    } else {
+        plan::create_private_dirs(
+            dir,
+            host_uid,
+            host_gid,
+            paths.etc_bind.is_some().then_some(etc.as_slice()),
+        )?;
+    }
     let t1 = Instant::now();
-    plan::place_files(&root.join("workspace"), &spec.files, host_uid, host_gid)?;
+    plan::place_files(&paths.workspace, &spec.files, host_uid, host_gid)?;
     cgroup.create(&cgroup_limits(b, &spec.limits))?;
     let t2 = Instant::now();
     tracing::trace!(
@@ -346,7 +399,7 @@ fn prepare_host(
         .filter(|d| b.host.devices.iter().any(|x| x == *d))
         .map(|d| Path::new("/dev").join(d))
         .collect();
-    super::write_ruleset(&[root.join("workspace"), root.join("tmp")], &files)
+    super::write_ruleset(&[paths.workspace.clone(), paths.tmp.clone()], &files)
 }
 
 impl Inner {
@@ -390,10 +443,13 @@ impl Inner {
 
     fn mounts(&self) -> Result<Vec<OwnedMount>, SandboxError> {
         let steps = plan::mount_plan(&plan::MountInputs {
-            root: &self.root,
+            root: &self.paths.root,
             entries: &self.backend.host.entries,
             devices: &self.backend.host.devices,
             writable_root: self.spec.has_capability(&Capability::FileSystem),
+            workspace: &self.paths.workspace,
+            tmp: &self.paths.tmp,
+            etc: self.paths.etc_bind.as_deref(),
             locked: &plan::locked_flags,
         });
         let c = |p: &Path| {
@@ -432,10 +488,13 @@ impl Inner {
         if stage >= child::stage::MOUNT_BASE {
             let i = (stage - child::stage::MOUNT_BASE) as usize;
             let steps = plan::mount_plan(&plan::MountInputs {
-                root: &self.root,
+                root: &self.paths.root,
                 entries: &self.backend.host.entries,
                 devices: &self.backend.host.devices,
                 writable_root: self.spec.has_capability(&Capability::FileSystem),
+                workspace: &self.paths.workspace,
+                tmp: &self.paths.tmp,
+                etc: self.paths.etc_bind.as_deref(),
                 locked: &plan::locked_flags,
             });
             return steps
@@ -660,10 +719,11 @@ impl crate::sandbox::Sandbox for NativeSandbox {
             let host_addr = att.host_addr;
             *inner.net.lock().await = Some(att);
             let n = &inner.backend.config.native;
-            for (name, body) in
-                plan::etc_files("symbiont", n.sandbox_uid, n.sandbox_gid, Some(host_addr))
-            {
-                std::fs::write(inner.root.join("etc").join(name), body)?;
+            if let Some(etc) = &inner.paths.etc_dir {
+                plan::write_etc(
+                    etc,
+                    &plan::etc_files("symbiont", n.sandbox_uid, n.sandbox_gid, Some(host_addr)),
+                )?;
             }
             *inner.env.lock() = plan::environment(&inner.spec, Some(host_addr))?;
         }
@@ -690,7 +750,9 @@ impl crate::sandbox::Sandbox for NativeSandbox {
             program: inner.owned_program(&inner.spec.argv)?,
             confine: inner.owned_confine(child::FD_LANDLOCK),
             timing: tracing::enabled!(tracing::Level::TRACE),
-            cgroup: CgroupEntry::for_cgroup(&inner.cgroup, &inner.backend.host.layout),
+            cgroup: CgroupEntry::for_cgroup(&inner.cgroup)?,
+            netns: net::NetnsPool::global(inner.backend.config.native.netns_pool)
+                .and_then(|p| p.take()),
         };
         let timing = job.timing;
         let mut marks: Vec<(&'static str, i32)> = Vec::new();
@@ -798,12 +860,14 @@ impl crate::sandbox::Sandbox for NativeSandbox {
             return Err(SandboxError::InvalidSpec("argv must name a program".into()));
         }
         let (pid, _) = inner.running_reaper()?;
-        // User namespace first (it owns the others), mount namespace last.
+        // The network namespace first (a pooled one is owned by the host's user namespace,
+        // so it must be joined while we are still host root), then the user namespace (it
+        // owns the others), the mount namespace last.
         let ns_list: [(&str, libc::c_int); 7] = [
+            ("net", libc::CLONE_NEWNET),
             ("user", libc::CLONE_NEWUSER),
             ("ipc", libc::CLONE_NEWIPC),
             ("uts", libc::CLONE_NEWUTS),
-            ("net", libc::CLONE_NEWNET),
             ("cgroup", libc::CLONE_NEWCGROUP),
             ("pid", libc::CLONE_NEWPID),
             ("mnt", libc::CLONE_NEWNS),
@@ -836,7 +900,7 @@ impl crate::sandbox::Sandbox for NativeSandbox {
         let mut keep = vec![stdin_r, stdout_w, stderr_w, report_w];
         keep.extend(ns_fds);
         if inner.cgroup.is_frozen() {
-            // The cloning thread would freeze while passing through the cgroup.
+            // The helper would freeze as soon as it joined the cgroup.
             return Err(SandboxError::InvalidState {
                 id: inner.id.clone(),
                 message: "paused: resume before exec".into(),
@@ -845,7 +909,7 @@ impl crate::sandbox::Sandbox for NativeSandbox {
         let job = ExecJob {
             fds,
             keep,
-            cgroup: CgroupEntry::for_cgroup(&inner.cgroup, &inner.backend.host.layout),
+            cgroup: CgroupEntry::for_cgroup(&inner.cgroup)?,
             namespaces,
             program: inner.owned_program(argv)?,
             confine: inner.owned_confine(child::EXEC_FD_LANDLOCK),
