@@ -165,7 +165,11 @@ async fn example_pipeline_turns_inbox_files_into_a_report_across_three_sandboxes
     assert!(report.contains("| meeting.txt |"), "{report}");
     assert!(report.contains("| release-notes.txt |"), "{report}");
     // Every hop was signed, encrypted and audited; the trail verifies.
-    h.runtime.shutdown().await.expect("shutdown");
+    tracing::info!("TEST: shutting down");
+    tokio::time::timeout(Duration::from_secs(30), h.runtime.shutdown())
+        .await
+        .expect("shutdown finishes")
+        .expect("shutdown");
     let sent = h
         .runtime
         .audit_query(&symbiont_runtime::integrations::audit_trail::AuditQuery {
@@ -450,12 +454,15 @@ agent worker {
     .await
     {
         Ok(r) => r.expect("record"),
-        Err(_) => panic!(
-            "task did not finish: {:#?}\nagent: {:#?}\nlogs: {:#?}",
-            h.runtime.task(receipt.task_id),
-            h.runtime.agent_status(id),
-            h.runtime.agent_logs(id, 40)
-        ),
+        Err(_) => {
+            let t = h.runtime.task(receipt.task_id).expect("task");
+            let a = h.runtime.agent_status(id).expect("agent");
+            panic!(
+                "task did not finish: {:?} attempts {} error {:?}\nagent: {:?} restarts {} reason {:?}\nlogs: {:#?}",
+                t.status, t.attempts, t.last_error, a.state, a.restart_count, a.failure_reason,
+                h.runtime.agent_logs(id, 40).expect("logs").into_iter().map(|l| l.line).collect::<Vec<_>>()
+            )
+        }
     };
     assert_eq!(record.status, TaskStatus::Completed, "{record:?}");
     assert!(record.attempts >= 2, "retried: {record:?}");

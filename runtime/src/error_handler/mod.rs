@@ -245,7 +245,9 @@ pub fn classify_code(code: &str) -> ErrorClass {
     match code {
         "SCHED_006" | "SANDBOX_003" | "AGENT_005" | "AGENT_006" => ErrorClass::Crash,
         "SCHED_007" => ErrorClass::ResourceViolation,
-        "RESOURCE_001" | "SANDBOX_004" | "SCHED_003" | "SCHED_005" => ErrorClass::Transient,
+        "RESOURCE_001" | "SANDBOX_004" | "SCHED_003" | "SCHED_005" | "SCHED_011" => {
+            ErrorClass::Transient
+        }
         "RESOURCE_002" | "RESOURCE_004" | "SANDBOX_001" | "SANDBOX_002" | "SCHED_001"
         | "SCHED_009" | "AGENT_001" | "AGENT_002" | "AGENT_003" | "AGENT_004" | "AGENT_007" => {
             ErrorClass::Permanent

@@ -370,9 +370,10 @@ async fn run_in_program(
         .bridge
         .lock()
         .clone()
-        .ok_or_else(|| SchedulerError::AgentCrashed {
+        // A program that died is restarted by its exit handler; the task is retried on it.
+        .ok_or_else(|| SchedulerError::Interrupted {
             agent: ctx.agent_id,
-            reason: "its program is not running".into(),
+            reason: "its program is not running (being restarted)".into(),
         })?;
     let (tx, rx) = oneshot::channel();
     let key = ctx.task_id.to_string();
@@ -384,7 +385,7 @@ async fn run_in_program(
         entry.pending.lock().remove(&key);
         return Err(e.into());
     }
-    let reply = rx.await.map_err(|_| SchedulerError::AgentCrashed {
+    let reply = rx.await.map_err(|_| SchedulerError::Interrupted {
         agent: ctx.agent_id,
         reason: "its program stopped before answering".into(),
     })?;

@@ -688,7 +688,9 @@ impl Runtime {
             None,
             "runtime stopping",
         ));
+        tracing::debug!("shutdown: stopping the scheduler");
         self.inner.scheduler.shutdown().await;
+        tracing::debug!("shutdown: stopping agents");
         let live: Vec<AgentId> = self
             .inner
             .lifecycle
@@ -707,6 +709,7 @@ impl Runtime {
             }
         });
         futures::future::join_all(stops).await;
+        tracing::debug!("shutdown: agents stopped");
         for handle in self.inner.background.lock().drain(..) {
             handle.abort();
         }

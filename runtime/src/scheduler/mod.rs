@@ -372,6 +372,15 @@ pub enum SchedulerError {
         /// Why.
         reason: String,
     },
+    /// The execution was cut off because the agent's long-lived program ended; the runtime
+    /// restarts the program (once, from its exit) and the task is retried on it.
+    #[error("task interrupted on agent {agent}: {reason}")]
+    Interrupted {
+        /// The agent.
+        agent: AgentId,
+        /// What happened.
+        reason: String,
+    },
     /// The agent's program died while running the task (a crash, not a reported error).
     #[error("agent {agent} crashed: {reason}")]
     AgentCrashed {
@@ -417,7 +426,8 @@ impl SchedulerError {
     /// Stable code: SCHED_001 scheduling failed, SCHED_002 task not found, SCHED_003
     /// timeout, SCHED_004 cancelled, SCHED_005 execution failed, SCHED_006 agent crashed,
     /// SCHED_007 limit exceeded, SCHED_008 already finished, SCHED_009 invalid cron
-    /// schedule, SCHED_010 shut down, CONFIG_001 invalid configuration.
+    /// schedule, SCHED_010 shut down, SCHED_011 interrupted by a program restart,
+    /// CONFIG_001 invalid configuration.
     pub fn code(&self) -> &'static str {
         match self {
             SchedulerError::SchedulingFailed(_) => "SCHED_001",
@@ -430,6 +440,7 @@ impl SchedulerError {
             SchedulerError::AlreadyFinished { .. } => "SCHED_008",
             SchedulerError::InvalidSchedule { .. } => "SCHED_009",
             SchedulerError::ShutDown => "SCHED_010",
+            SchedulerError::Interrupted { .. } => "SCHED_011",
             SchedulerError::InvalidConfig(_) => "CONFIG_001",
         }
     }

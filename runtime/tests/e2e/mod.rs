@@ -43,6 +43,9 @@ pub fn config(dir: &Path) -> RuntimeConfig {
 
 /// Starts a runtime with the native tier only (no VM probe, no daemon needed).
 pub async fn native_runtime(config: RuntimeConfig) -> Runtime {
+    if let Ok(level) = std::env::var("SYMBIONT_TEST_LOG") {
+        symbiont_runtime::init_logging(&level, symbiont_runtime::config::LogFormat::Text);
+    }
     let backend = NativeBackend::new(config.sandbox.clone()).unwrap_or_else(|e| {
         panic!("the native tier must work here ({e}); run as root: `bash scripts/setup.sh`")
     });
