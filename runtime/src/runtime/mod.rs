@@ -402,8 +402,27 @@ impl Runtime {
         &self,
         source: &str,
         base_dir: Option<PathBuf>,
-        mut config: AgentConfig,
+        config: AgentConfig,
     ) -> Result<AgentId, RuntimeError> {
+        self.create_agent_with_options(config, Some(source), base_dir, true)
+            .await
+    }
+
+    /// The general form of [`Runtime::create_agent`] and
+    /// [`Runtime::create_agent_from_definition`]: with `definition`, it replaces
+    /// `config.dsl_source` (and names the agent unless `config.name` is set); host files are
+    /// read relative to `base_dir`. With `start` false the agent is initialized (definition
+    /// compiled, sandbox prepared) and left Ready until [`Runtime::start_agent`].
+    pub async fn create_agent_with_options(
+        &self,
+        mut config: AgentConfig,
+        definition: Option<&str>,
+        base_dir: Option<PathBuf>,
+        start: bool,
+    ) -> Result<AgentId, RuntimeError> {
+        let Some(source) = definition else {
+            return self.create_agent_with(config, base_dir, start).await;
+        };
         let definition = dsl::load(
             source,
             "definition",
@@ -417,7 +436,7 @@ impl Runtime {
             config.name = definition.name.clone();
         }
         config.dsl_source = source.to_string();
-        self.create_agent_with(config, base_dir, true).await
+        self.create_agent_with(config, base_dir, start).await
     }
 
     async fn create_agent_with(
@@ -648,6 +667,16 @@ impl Runtime {
             .await
             .map_err(|e| crate::integrations::audit_trail::AuditError::Read(e.to_string()))?
             .map_err(Into::into)
+    }
+
+    /// Counters of the audit trail (events submitted, events durable).
+    pub fn audit_stats(&self) -> crate::integrations::audit_trail::AuditStats {
+        self.inner.audit_trail.stats()
+    }
+
+    /// The audit log's directory.
+    pub fn audit_dir(&self) -> &std::path::Path {
+        self.inner.audit_trail.dir()
     }
 
     /// Verifies the audit trail's chain and signatures with the runtime's public key.

@@ -485,7 +485,9 @@ pub async fn probe_registry(config: &SandboxConfig) -> (SandboxRegistry, Vec<Tie
                 infos.push(info);
                 registry.register(backend);
             }
-            Err(e) => tracing::warn!(tier = %backend.tier(), error = %e, "sandbox tier not available"),
+            Err(e) => {
+                tracing::warn!(tier = %backend.tier(), error = %e, "sandbox tier not available")
+            }
         }
     }
     (registry, infos)
