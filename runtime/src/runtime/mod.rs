@@ -310,13 +310,17 @@ impl Runtime {
             started_at: SystemTime::now(),
         });
         let _ = link.0.set(Arc::downgrade(&inner));
-        inner
-            .scheduler
-            .set_executor(Arc::new(executor::RuntimeExecutor(link.clone())));
 
         let runtime = Runtime { inner };
         runtime.spawn_background();
         runtime.restore().await?;
+        // Only now: tasks recovered from the store must find their agents registered, or
+        // the scheduler would fail them as "unknown agent" (regression test:
+        // cli/tests/crash_recovery.rs).
+        runtime
+            .inner
+            .scheduler
+            .set_executor(Arc::new(executor::RuntimeExecutor(link.clone())));
         runtime.inner.audit.submit(AuditEvent::new(
             AuditEventType::RuntimeLifecycle,
             None,
@@ -748,8 +752,10 @@ impl Runtime {
         let mut restored = 0usize;
         for record in records {
             let id = record.instance.id;
-            if record.instance.state == AgentState::Terminated {
-                // Keep it visible, in its final state.
+            if record.instance.state == AgentState::Terminated && !record.desired_running {
+                // Stopped on purpose: keep it visible, in its final state. (An agent that
+                // was running when the runtime shut down was terminated by the shutdown but
+                // still wants to run: it is restored below.)
                 let _ = self.inner.lifecycle.register_instance(record.instance);
                 self.inner
                     .agents
