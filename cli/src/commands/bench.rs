@@ -6,8 +6,10 @@
 //!    admitted, bus keys made, no sandbox), read from `/proc/PID/status` (`VmRSS`,
 //!    `RssAnon`) after the daemon has been idle for a while;
 //! 2. API throughput and latency of `GET /v1/agents/{id}` (agent status, authenticated)
-//!    with C concurrent keep-alive HTTP/1.1 clients, against a baseline measured in the
-//!    same run: `GET /health` (no authentication, no agent lookup) on the same daemon;
+//!    with C concurrent keep-alive HTTP/1.1 clients, against baselines measured in the
+//!    same run on the same daemon, interleaved: the HTTP stack's floor (an unrouted path:
+//!    routing, middleware and a small JSON error body, no authentication, no runtime call)
+//!    and `GET /health` (no authentication; it walks every agent);
 //! 3. the graceful shutdown (SIGTERM → exit 0) time.
 //!
 //! The load client runs on the same machine as the daemon, so the figures are the pair's.
@@ -124,10 +126,12 @@ pub struct BenchReport {
     pub per_agent_anon_kib: f64,
     /// Agent status load.
     pub status: LoadResult,
-    /// Baseline: GET /health on the same daemon.
+    /// Baseline: the HTTP stack's floor (an unrouted path, 404).
+    pub floor: LoadResult,
+    /// Reference: GET /health (walks every agent).
     pub health: LoadResult,
-    /// status req/s ÷ health req/s.
-    pub status_vs_health_ratio: f64,
+    /// status req/s ÷ floor req/s.
+    pub status_vs_floor_ratio: f64,
     /// Seconds from SIGTERM to exit.
     pub shutdown_secs: f64,
     /// The daemon's exit code.
@@ -206,10 +210,12 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)] as f64 / 1000.0
 }
 
-/// Drives `concurrency` keep-alive clients at `url` for `duration`.
+/// Drives `concurrency` keep-alive clients at `url` for `duration`; answers with status
+/// `expect` count as successes.
 pub async fn load(
     url: &str,
     token: Option<&str>,
+    expect: u16,
     concurrency: usize,
     duration: Duration,
 ) -> Result<LoadResult> {
@@ -234,7 +240,7 @@ pub async fn load(
                 }
                 let ok = match req.send().await {
                     Ok(resp) => {
-                        let ok = resp.status().is_success();
+                        let ok = resp.status().as_u16() == expect;
                         ok && resp.bytes().await.is_ok()
                     }
                     Err(_) => false,
@@ -372,27 +378,23 @@ async fn api_in(args: &ApiArgs, dir: &Path) -> Result<BenchReport> {
     let target = ids.first().copied().context("no agent registered")?;
     let status_url = format!("{}/v1/agents/{target}", daemon.url);
     let health_url = format!("{}/health", daemon.url);
+    let floor_url = format!("{}/bench-floor", daemon.url);
+    let c = args.concurrency;
     eprintln!("warm-up...");
-    load(
-        &status_url,
-        Some(&token),
-        args.concurrency,
-        Duration::from_secs(1),
-    )
-    .await?;
-    load(&health_url, None, args.concurrency, Duration::from_secs(1)).await?;
-    // Interleaved halves, so drift on a shared machine hits both alike.
+    load(&status_url, Some(&token), 200, c, Duration::from_secs(1)).await?;
+    load(&floor_url, None, 404, c, Duration::from_secs(1)).await?;
+    // Interleaved halves, so drift on a shared machine hits all alike.
     let half = args.duration / 2;
-    let mut status = Vec::new();
-    let mut health = Vec::new();
+    let (mut status, mut floor, mut health) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..2 {
         eprintln!(
-            "load round {}: GET /v1/agents/{{id}} and GET /health, {:?} each...",
+            "load round {}: agent status, floor, health; {:?} each...",
             round + 1,
             half
         );
-        status.push(load(&status_url, Some(&token), args.concurrency, half).await?);
-        health.push(load(&health_url, None, args.concurrency, half).await?);
+        status.push(load(&status_url, Some(&token), 200, c, half).await?);
+        floor.push(load(&floor_url, None, 404, c, half).await?);
+        health.push(load(&health_url, None, 200, c, half).await?);
     }
     let merge = |v: &[LoadResult]| -> LoadResult {
         let requests: u64 = v.iter().map(|r| r.requests).sum();
@@ -411,6 +413,7 @@ async fn api_in(args: &ApiArgs, dir: &Path) -> Result<BenchReport> {
         }
     };
     let status = merge(&status);
+    let floor = merge(&floor);
     let health = merge(&health);
 
     // Graceful shutdown.
@@ -433,8 +436,9 @@ async fn api_in(args: &ApiArgs, dir: &Path) -> Result<BenchReport> {
         register_secs,
         per_agent_kib: (idle_n.vm_rss_kib as f64 - idle_0.vm_rss_kib as f64) / n,
         per_agent_anon_kib: (idle_n.rss_anon_kib as f64 - idle_0.rss_anon_kib as f64) / n,
-        status_vs_health_ratio: status.requests_per_sec / health.requests_per_sec.max(1e-9),
+        status_vs_floor_ratio: status.requests_per_sec / floor.requests_per_sec.max(1e-9),
         status,
+        floor,
         health,
         shutdown_secs,
         exit_code: exit.code(),
@@ -477,18 +481,20 @@ fn print_report(r: &BenchReport) {
         "per agent:               {:.1} KiB VmRSS, {:.1} KiB RssAnon",
         r.per_agent_kib, r.per_agent_anon_kib
     );
+    let health_name = format!("GET /health ({} agents)", r.agents);
     for (name, l) in [
         ("GET /v1/agents/{id}", &r.status),
-        ("GET /health (baseline)", &r.health),
+        ("floor (unrouted, 404)", &r.floor),
+        (health_name.as_str(), &r.health),
     ] {
         println!(
-            "{name:<24} {:>9.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  p99.9 {:>7.0} µs  max {:>7.0} µs  ({} requests, {} errors)",
+            "{name:<26} {:>8.0} req/s  p50 {:>7.0} µs  p99 {:>7.0} µs  p99.9 {:>7.0} µs  max {:>7.0} µs  ({} requests, {} errors)",
             l.requests_per_sec, l.p50_us, l.p99_us, l.p999_us, l.max_us, l.requests, l.errors
         );
     }
     println!(
-        "status / health throughput ratio: {:.2}",
-        r.status_vs_health_ratio
+        "agent status / floor throughput ratio: {:.2}",
+        r.status_vs_floor_ratio
     );
     println!(
         "graceful shutdown: {:.2}s, exit code {:?}",
