@@ -8,10 +8,12 @@
 //! - [`commands`]: one module per subcommand (`up`, `agent`, `task`, `send`, `audit`,
 //!   `config`, `token`, `dsl`, `bench`).
 //! - [`output`]: tables, JSON output and progress display.
+//! - [`lockfile`]: `flock` locks (one daemon per data directory; token file updates).
 
 pub mod api;
 pub mod client;
 pub mod commands;
+pub mod lockfile;
 pub mod output;
 pub mod server;
 pub mod tokens;

@@ -97,6 +97,7 @@ pub fn create(data_dir: &Path, name: &str) -> Result<(String, TokenEntry)> {
         created_at: crate::api::rfc3339(SystemTime::now()),
     };
     let path = token_path(data_dir);
+    let _lock = crate::lockfile::lock(&data_dir.join("api_tokens.lock"))?;
     let mut file = read_file(&path)?;
     file.tokens.push(entry.clone());
     write_file(&path, &file)?;
@@ -111,6 +112,7 @@ pub fn list(data_dir: &Path) -> Result<Vec<TokenEntry>> {
 /// Revokes the tokens whose id or name is `which`; returns them. Fails when none matches.
 pub fn revoke(data_dir: &Path, which: &str) -> Result<Vec<TokenEntry>> {
     let path = token_path(data_dir);
+    let _lock = crate::lockfile::lock(&data_dir.join("api_tokens.lock"))?;
     let mut file = read_file(&path)?;
     let (gone, kept): (Vec<_>, Vec<_>) = file
         .tokens

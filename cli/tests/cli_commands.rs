@@ -328,3 +328,27 @@ fn an_unreachable_daemon_is_exit_2_with_a_hint() {
     assert!(err.contains("cannot reach the symbiont daemon"), "{err}");
     assert!(err.contains("symbiont up"), "{err}");
 }
+
+#[test]
+fn a_second_daemon_on_the_same_data_directory_is_refused() {
+    let d = TestDaemon::start();
+    let (code, out, err) = cli(
+        &[
+            "--config",
+            d.config.to_str().expect("utf8"),
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains(&format!("another symbiont daemon (pid {})", d.pid())),
+        "{err}"
+    );
+    // The first one is unharmed.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (status, _) = rt.block_on(d.get("/v1/agents"));
+    assert_eq!(status, 200);
+}

@@ -76,6 +76,8 @@ async fn daemon(config: symbiont_runtime::config::RuntimeConfig) -> Result<ExitC
              runtime, and traffic is plain HTTP (put a TLS proxy in front)"
         );
     }
+    // One daemon per data directory (the lock dies with the process, even on kill -9).
+    let _lock = crate::lockfile::lock_data_dir(&config.storage.data_dir)?;
     // Bind first: a taken port fails before any agent is restored.
     let listener = tokio::net::TcpListener::bind(addr)
         .await
