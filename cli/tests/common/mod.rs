@@ -56,7 +56,7 @@ impl Default for Settings {
     }
 }
 
-/// A daemon under test. Killed (SIGKILL) when dropped if still running.
+/// A daemon under test. Stopped (SIGTERM, then SIGKILL after 30 s) when dropped.
 pub struct TestDaemon {
     /// Holds the data directory.
     pub dir: tempfile::TempDir,
@@ -296,8 +296,21 @@ level = "info"
 }
 
 impl Drop for TestDaemon {
+    /// A graceful stop, so the daemon destroys its sandboxes (cgroups included) and no
+    /// leftover trips `scripts/leak-check.sh`; SIGKILL only if that takes too long.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: signalling our own unreaped child.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(30) {
+                if matches!(child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
