@@ -139,6 +139,18 @@ pub fn route_table() -> Vec<(Verb, &'static str)> {
     table
 }
 
+/// A panicking handler answers 500 API_008 (the panic is logged) instead of dropping the
+/// connection.
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    tracing::error!(panic = what, "API handler panicked");
+    ApiError::new(error::INTERNAL, "internal error (logged by the daemon)").into_response()
+}
+
 async fn no_route() -> Response {
     ApiError::new(NO_ROUTE, "no such route (see GET /openapi.json)").into_response()
 }
@@ -175,6 +187,9 @@ pub fn app(state: AppState, max_body_bytes: usize) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
         .layer(axum::middleware::from_fn(json_errors))
         .layer(from_fn_with_state(state.clone(), metrics::track))
         .with_state(state)
@@ -190,4 +205,32 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_becomes_a_json_500() {
+        let response = panic_response(Box::new("boom"));
+        assert_eq!(
+            response.status(),
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["error"]["code"], "API_008");
+        assert_eq!(v["error"]["status"], 500);
+    }
+
+    #[test]
+    fn the_route_table_has_no_duplicates_and_only_health_is_public() {
+        let table = route_table();
+        let unique: std::collections::BTreeSet<_> = table.iter().collect();
+        assert_eq!(unique.len(), table.len());
+        assert_eq!(public().table, vec![(Verb::Get, "/health")]);
+    }
 }
