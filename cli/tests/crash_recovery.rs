@@ -78,6 +78,20 @@ async fn kill_9_under_load_loses_no_acknowledged_task_or_audit_event() {
     let echo = d
         .create_agent(&echo_definition("echo"), Some(&examples_dir()))
         .await;
+    // Suspended before the crash: must come back suspended, not running.
+    let paused = d
+        .create_agent(&common::cat_definition("paused"), None)
+        .await;
+    let paused_id = paused["id"].as_str().expect("id").to_string();
+    let (status, body) = d
+        .post_empty(&format!("/v1/agents/{paused_id}/suspend"))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Stopped on purpose before the crash: must stay terminated.
+    let gone = d.create_agent(&common::cat_definition("gone"), None).await;
+    let gone_id = gone["id"].as_str().expect("id").to_string();
+    let (status, body) = d.post_empty(&format!("/v1/agents/{gone_id}/stop")).await;
+    assert_eq!(status, 200, "{body}");
     let workers: Vec<String> = [&w1, &w2]
         .iter()
         .map(|a| a["id"].as_str().expect("id").to_string())
@@ -210,6 +224,11 @@ async fn kill_9_under_load_loses_no_acknowledged_task_or_audit_event() {
         let agent = d.wait_state(id, "running", Duration::from_secs(60)).await;
         assert_ne!(agent["sandbox_id"].as_str(), Some(old.as_str()), "{agent}");
     }
+
+    d.wait_state(&paused_id, "suspended", Duration::from_secs(30))
+        .await;
+    let (_, still_gone) = d.get(&format!("/v1/agents/{gone_id}")).await;
+    assert_eq!(still_gone["state"], "terminated", "{still_gone}");
 
     // Every acknowledged task exists and completes, with the right output.
     let mut recovered = 0;

@@ -780,6 +780,14 @@ impl Runtime {
                 self.inner.lifecycle.initialize_agent(id).await?;
                 if record.desired_running {
                     self.inner.lifecycle.start_agent(id).await?;
+                    if record.instance.state == AgentState::Suspended {
+                        // Suspended before the restart (by an operator or an escalation):
+                        // it comes back suspended, not running.
+                        self.inner
+                            .lifecycle
+                            .suspend_agent(id, "suspended before the runtime restarted")
+                            .await?;
+                    }
                 }
                 Ok::<(), LifecycleError>(())
             }
