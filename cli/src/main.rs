@@ -1,45 +1,28 @@
-//! `symbiont`: the runtime's command-line interface.
+//! `symbiont`: the runtime's daemon and command-line interface.
 //!
-//! Each subcommand lives in its own module with its own `clap` types and a `run` function;
-//! this file only parses the command line, sets up logging and maps outcomes to exit codes
-//! (0 success, 1 a check failed, 2 the command could not run). Today: `symbiont audit`.
+//! This file only parses the command line and maps outcomes to exit codes: 0 success,
+//! 1 a check failed or the daemon refused the request (its error code is printed), 2 the
+//! command could not run (bad usage, daemon unreachable, I/O error).
 
-mod audit;
-
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-
-/// A secure runtime for autonomous agents.
-#[derive(Debug, Parser)]
-#[command(name = "symbiont", version, about)]
-struct Cli {
-    /// runtime_config.toml to take defaults from (data directory, `[audit]` settings);
-    /// without it, the built-in defaults and `SYMBIONT_*` variables apply.
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
-
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Verify, read and export the audit trail (offline, on the log directory).
-    #[command(subcommand)]
-    Audit(audit::AuditCommand),
-}
+use clap::Parser;
+use symbiont::client::ClientError;
+use symbiont::commands::{self, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    symbiont_runtime::init_logging("warn", symbiont_runtime::config::LogFormat::Text);
-    let outcome = match cli.command {
-        Command::Audit(command) => audit::run(command, cli.config.as_deref()),
-    };
+    let outcome = commands::run(cli);
     match outcome {
         Ok(code) => code,
         Err(e) => {
+            if let Some(ClientError::Api(detail)) = e.downcast_ref::<ClientError>() {
+                eprintln!(
+                    "error[{}] (HTTP {}): {}",
+                    detail.code, detail.status, detail.message
+                );
+                return ExitCode::from(1);
+            }
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }

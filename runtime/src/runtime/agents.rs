@@ -751,6 +751,8 @@ impl RecoveryActions for Recovery {
 
     async fn terminate(&self, agent: AgentId, reason: &str) -> Result<(), RuntimeError> {
         let inner = self.0.get().ok_or_else(gone)?;
+        // Given up on: not restarted by the next start of the runtime either.
+        set_desired(&inner, agent, false)?;
         RecoveryActions::terminate(&inner.lifecycle, agent, reason).await
     }
 }

@@ -310,13 +310,17 @@ impl Runtime {
             started_at: SystemTime::now(),
         });
         let _ = link.0.set(Arc::downgrade(&inner));
-        inner
-            .scheduler
-            .set_executor(Arc::new(executor::RuntimeExecutor(link.clone())));
 
         let runtime = Runtime { inner };
         runtime.spawn_background();
         runtime.restore().await?;
+        // Only now: tasks recovered from the store must find their agents registered, or
+        // the scheduler would fail them as "unknown agent" (regression test:
+        // cli/tests/crash_recovery.rs).
+        runtime
+            .inner
+            .scheduler
+            .set_executor(Arc::new(executor::RuntimeExecutor(link.clone())));
         runtime.inner.audit.submit(AuditEvent::new(
             AuditEventType::RuntimeLifecycle,
             None,
@@ -402,8 +406,27 @@ impl Runtime {
         &self,
         source: &str,
         base_dir: Option<PathBuf>,
-        mut config: AgentConfig,
+        config: AgentConfig,
     ) -> Result<AgentId, RuntimeError> {
+        self.create_agent_with_options(config, Some(source), base_dir, true)
+            .await
+    }
+
+    /// The general form of [`Runtime::create_agent`] and
+    /// [`Runtime::create_agent_from_definition`]: with `definition`, it replaces
+    /// `config.dsl_source` (and names the agent unless `config.name` is set); host files are
+    /// read relative to `base_dir`. With `start` false the agent is initialized (definition
+    /// compiled, sandbox prepared) and left Ready until [`Runtime::start_agent`].
+    pub async fn create_agent_with_options(
+        &self,
+        mut config: AgentConfig,
+        definition: Option<&str>,
+        base_dir: Option<PathBuf>,
+        start: bool,
+    ) -> Result<AgentId, RuntimeError> {
+        let Some(source) = definition else {
+            return self.create_agent_with(config, base_dir, start).await;
+        };
         let definition = dsl::load(
             source,
             "definition",
@@ -417,7 +440,7 @@ impl Runtime {
             config.name = definition.name.clone();
         }
         config.dsl_source = source.to_string();
-        self.create_agent_with(config, base_dir, true).await
+        self.create_agent_with(config, base_dir, start).await
     }
 
     async fn create_agent_with(
@@ -650,6 +673,16 @@ impl Runtime {
             .map_err(Into::into)
     }
 
+    /// Counters of the audit trail (events submitted, events durable).
+    pub fn audit_stats(&self) -> crate::integrations::audit_trail::AuditStats {
+        self.inner.audit_trail.stats()
+    }
+
+    /// The audit log's directory.
+    pub fn audit_dir(&self) -> &std::path::Path {
+        self.inner.audit_trail.dir()
+    }
+
     /// Verifies the audit trail's chain and signatures with the runtime's public key.
     pub async fn audit_verify(&self) -> Result<VerifyReport, RuntimeError> {
         self.inner.audit.flush().await?;
@@ -722,8 +755,10 @@ impl Runtime {
         let mut restored = 0usize;
         for record in records {
             let id = record.instance.id;
-            if record.instance.state == AgentState::Terminated {
-                // Keep it visible, in its final state.
+            if record.instance.state == AgentState::Terminated && !record.desired_running {
+                // Stopped on purpose: keep it visible, in its final state. (An agent that
+                // was running when the runtime shut down was terminated by the shutdown but
+                // still wants to run: it is restored below.)
                 let _ = self.inner.lifecycle.register_instance(record.instance);
                 self.inner
                     .agents
@@ -748,6 +783,14 @@ impl Runtime {
                 self.inner.lifecycle.initialize_agent(id).await?;
                 if record.desired_running {
                     self.inner.lifecycle.start_agent(id).await?;
+                    if record.instance.state == AgentState::Suspended {
+                        // Suspended before the restart (by an operator or an escalation):
+                        // it comes back suspended, not running.
+                        self.inner
+                            .lifecycle
+                            .suspend_agent(id, "suspended before the runtime restarted")
+                            .await?;
+                    }
                 }
                 Ok::<(), LifecycleError>(())
             }

@@ -469,11 +469,12 @@ impl SandboxRegistry {
 pub async fn probe_registry(config: &SandboxConfig) -> (SandboxRegistry, Vec<TierInfo>) {
     let mut registry = SandboxRegistry::new();
     let mut infos = Vec::new();
-    let mut candidates: Vec<Result<Arc<dyn SandboxBackend>, SandboxError>> = Vec::new();
-    candidates.push(native::NativeBackend::new(config.clone()).map(|b| Arc::new(b) as _));
-    candidates.push(docker::DockerBackend::new(config).map(|b| Arc::new(b) as _));
-    candidates.push(gvisor::GvisorBackend::new(config).map(|b| Arc::new(b) as _));
-    candidates.push(Ok(Arc::new(microvm::MicrovmBackend::new(config))));
+    let candidates: Vec<Result<Arc<dyn SandboxBackend>, SandboxError>> = vec![
+        native::NativeBackend::new(config.clone()).map(|b| Arc::new(b) as _),
+        docker::DockerBackend::new(config).map(|b| Arc::new(b) as _),
+        gvisor::GvisorBackend::new(config).map(|b| Arc::new(b) as _),
+        Ok(Arc::new(microvm::MicrovmBackend::new(config))),
+    ];
     for candidate in candidates {
         let backend = match candidate {
             Ok(backend) => backend,

@@ -38,7 +38,7 @@ pub use format::{segment_file_name, AUDIT_FORMAT_VERSION, SEGMENT_HEADER_LEN};
 pub use keys::{public_key_path, AuditKey, AuditPublicKey};
 pub use query::{query_dir, scan_dir, tail_dir, AuditQuery, AuditRecord};
 pub use verify::{verify_dir, ProblemKind, TornTail, VerifyProblem, VerifyReport};
-pub use writer::{DurableAuditTrail, RetentionOutcome, SEAL_DELAY};
+pub use writer::{AuditStats, DurableAuditTrail, RetentionOutcome, SEAL_DELAY};
 
 /// What happened. Components record one of these for every decision they make.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -53,6 +53,15 @@ pub struct RetentionOutcome {
     pub first_kept_seq: u64,
 }
 
+/// Counters of a [`DurableAuditTrail`] (for metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuditStats {
+    /// Events submitted to this handle since it was opened.
+    pub submitted: u64,
+    /// Of which synced and covered by a signed head.
+    pub flushed: u64,
+}
+
 /// The durable, tamper-evident audit trail. See the module documentation.
 pub struct DurableAuditTrail {
     shared: Arc<Shared>,
@@ -190,6 +199,13 @@ impl DurableAuditTrail {
     /// The public key verifiers need.
     pub fn public_key(&self) -> AuditPublicKey {
         self.public_key
+    }
+
+    /// Events submitted and made durable so far.
+    pub fn stats(&self) -> AuditStats {
+        let submitted = self.shared.state.lock().enqueued;
+        let flushed = self.shared.progress.borrow().flushed;
+        AuditStats { submitted, flushed }
     }
 
     /// Records `event` like [`AuditTrail::record_event`] and returns its ticket (1 for the

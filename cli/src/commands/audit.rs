@@ -1,13 +1,18 @@
 //! `symbiont audit verify | tail | export`: offline access to the audit log directory
 //! (no daemon needed). `verify` exits 1 and prints the first bad entry when the log does
 //! not verify against the trusted public key.
+//!
+//! With `--remote`, `verify` and `tail` ask the daemon instead (`GET /v1/audit/verify`,
+//! `GET /v1/audit?tail=N`): useful from another machine, or when the log directory is not
+//! readable here. Offline stays the default: it needs no daemon and can check the log
+//! against a public key kept elsewhere.
 
 use std::io::{BufWriter, ErrorKind, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use symbiont_runtime::config::RuntimeConfig;
 use symbiont_runtime::integrations::audit_trail::{
@@ -48,6 +53,9 @@ pub struct VerifyArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Ask the daemon (with its own public key) instead of reading the directory.
+    #[arg(long, conflicts_with_all = ["dir", "public_key"])]
+    remote: bool,
 }
 
 /// `symbiont audit tail`
@@ -61,6 +69,9 @@ pub struct TailArgs {
     /// One JSON object per line instead of text.
     #[arg(long)]
     json: bool,
+    /// Ask the daemon instead of reading the directory.
+    #[arg(long, conflicts_with = "dir")]
+    remote: bool,
 }
 
 /// `symbiont audit export`
@@ -101,14 +112,6 @@ fn parse_time(text: &str) -> Result<SystemTime, String> {
     }
 }
 
-/// The configuration that supplies defaults.
-fn load_config(config: Option<&Path>) -> Result<RuntimeConfig> {
-    match config {
-        Some(path) => RuntimeConfig::load(path).with_context(|| "loading the configuration"),
-        None => RuntimeConfig::from_env().with_context(|| "reading SYMBIONT_* variables"),
-    }
-}
-
 fn log_dir(args: &DirArgs, config: &RuntimeConfig) -> PathBuf {
     args.dir
         .clone()
@@ -116,13 +119,65 @@ fn log_dir(args: &DirArgs, config: &RuntimeConfig) -> PathBuf {
 }
 
 /// Runs one `symbiont audit` command.
-pub fn run(command: AuditCommand, config: Option<&Path>) -> Result<ExitCode> {
-    let config = load_config(config)?;
+pub fn run(command: AuditCommand, ctx: &super::Context) -> Result<ExitCode> {
+    match &command {
+        AuditCommand::Verify(args) if args.remote => {
+            return remote_verify(ctx, args.json || ctx.json)
+        }
+        AuditCommand::Tail(args) if args.remote => {
+            return remote_tail(ctx, args.n, args.json || ctx.json)
+        }
+        _ => {}
+    }
+    let config = ctx.load_config()?;
     match command {
         AuditCommand::Verify(args) => verify(args, &config),
         AuditCommand::Tail(args) => tail(args, &config),
         AuditCommand::Export(args) => export(args, &config),
     }
+}
+
+fn remote_verify(ctx: &super::Context, json: bool) -> Result<ExitCode> {
+    let client = ctx.client()?;
+    let report: crate::api::VerifyView =
+        super::client_runtime()?.block_on(client.get("/v1/audit/verify"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.report);
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn remote_tail(ctx: &super::Context, n: usize, json: bool) -> Result<ExitCode> {
+    let client = ctx.client()?;
+    let list: crate::api::AuditList =
+        super::client_runtime()?.block_on(client.get(&format!("/v1/audit?tail={n}")))?;
+    emit(|out| {
+        for e in &list.events {
+            if json {
+                writeln!(out, "{}", serde_json::to_string(e)?)?;
+            } else {
+                let mut line = format!(
+                    "{} #{} {} agent={} {}",
+                    e.timestamp,
+                    e.seq,
+                    e.event_type,
+                    e.agent.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                    e.details
+                );
+                for (k, v) in &e.metadata {
+                    line.push_str(&format!(" {k}={v}"));
+                }
+                writeln!(out, "{line}")?;
+            }
+        }
+        Ok(())
+    })
 }
 
 fn verify(args: VerifyArgs, config: &RuntimeConfig) -> Result<ExitCode> {
