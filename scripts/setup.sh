@@ -8,7 +8,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "setup: must run as root (sandboxes need namespaces, cgroups, Docker and QEMU)" >&2
   exit 1
 fi
-for step in "$here"/setup.d/*.sh; do
+for step in "$here"/setup.d/[0-9]*.sh; do
   [ -e "$step" ] || continue
   echo "==> setup: $(basename "$step")"
   bash "$step"

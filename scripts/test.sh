@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
 echo "==> build"
 cargo build --workspace --all-targets --locked
 echo "==> test"
-cargo test --workspace --locked -- --test-threads="${SYMBIONT_TEST_THREADS:-4}"
+cargo test --workspace --locked --no-fail-fast -- --test-threads="${SYMBIONT_TEST_THREADS:-4}"
 echo "==> leak check"
 bash scripts/leak-check.sh
 echo "==> all tests passed"

@@ -462,9 +462,8 @@ async fn task_routes_submit_wait_list_cancel_and_deduplicate() {
     assert_eq!(task["priority"], "high");
     assert_eq!(task["input"], "hello");
     assert_eq!(task["timeout_ms"], 20_000);
-    // The echo agent upper-cases the task frame's input (the JSON task envelope).
-    let output = task["output"].as_str().expect("output");
-    assert!(output.contains("\"HANDLER\":\"TASK\""), "{output}");
+    // The echo agent answers a task with its input upper-cased.
+    assert_eq!(task["output"], "HELLO", "{task}");
 
     // Binary input.
     let (status, receipt) = d

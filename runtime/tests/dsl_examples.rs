@@ -1,7 +1,7 @@
 //! The example agents in `examples/agents/` (collector -> summarizer -> reporter): every
 //! definition checks without warnings, maps to a valid native-tier `SandboxSpec`, and their
 //! policies allow the pipeline and nothing else. The pipeline itself runs for real, in native
-//! sandboxes through the runtime, in `runtime_e2e.rs`.
+//! sandboxes through the runtime, in `integration_tests.rs`.
 
 use std::path::{Path, PathBuf};
 

@@ -19,3 +19,22 @@ apt_install() {
   echo "    apt-get install ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
+
+# ensure_rust: cargo on PATH, or a stable toolchain installed with rustup (minimal profile).
+ensure_rust() {
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  if command -v cargo >/dev/null 2>&1; then
+    echo "    $(cargo --version)"
+    return 0
+  fi
+  echo "    installing Rust (stable, minimal profile) with rustup"
+  if ! curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
+      | sh -s -- -y --profile minimal --default-toolchain stable -c rustfmt -c clippy >/dev/null; then
+    echo "    could not install Rust: install it from https://rustup.rs and run this again" >&2
+    exit 1
+  fi
+  export PATH="$HOME/.cargo/bin:$PATH"
+  echo "    $(cargo --version)"
+}

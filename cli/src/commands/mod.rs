@@ -5,6 +5,7 @@ pub mod agent;
 pub mod audit;
 pub mod bench;
 pub mod config;
+pub mod demo;
 pub mod dsl;
 pub mod send;
 pub mod task;
@@ -87,6 +88,9 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Start a daemon with the example agents on the default tier and show them working:
+    /// messages flowing, a task scheduled, the audit trail verified.
+    Demo(demo::DemoArgs),
 }
 
 /// What every command runs with.
@@ -166,5 +170,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Token(cmd) => token::run(cmd, &ctx),
         Command::Dsl(cmd) => dsl::run(cmd),
         Command::Bench(cmd) => bench::run(cmd, &ctx),
+        Command::Demo(args) => demo::run(args, &ctx),
     }
 }

@@ -1,5 +1,5 @@
 """Reporter: keeps a Markdown report of every summary it receives (in its workspace) and
-sends the report when asked or on its schedule."""
+sends the report when asked, on its schedule, or as the result of a task."""
 
 import json
 import os
@@ -48,4 +48,9 @@ def on_report(_document, _handler):
 
 
 if __name__ == "__main__":
-    serve({"message:summaries": on_summary, "message:report-request": on_report, "hourly": on_report})
+    serve({
+        "message:summaries": on_summary,
+        "message:report-request": on_report,
+        "hourly": on_report,
+        "task": on_report,  # a task submitted to the reporter returns the report
+    })

@@ -1,5 +1,6 @@
-//! End-to-end tests of the composed [`Runtime`] on the native tier: definitions become real
-//! sandboxes, tasks and messages reach the programs, policies and audit act.
+//! The seed's integration tests (`cargo test --test integration_tests`): the composed
+//! [`Runtime`] end to end on the native tier. Definitions become real sandboxes, tasks and
+//! messages reach the programs, policies and the audit trail act, faults are recovered.
 
 mod e2e;
 
