@@ -72,7 +72,7 @@ pub fn mapped_status(code: &str) -> Option<StatusCode> {
         "SCHED_007" => StatusCode::TOO_MANY_REQUESTS,
         "SCHED_008" => StatusCode::CONFLICT,
         "SCHED_009" => StatusCode::BAD_REQUEST,
-        "SCHED_010" => StatusCode::SERVICE_UNAVAILABLE,
+        "SCHED_010" | "SCHED_011" => StatusCode::SERVICE_UNAVAILABLE,
         // Communication.
         "COMM_001" => StatusCode::UNPROCESSABLE_ENTITY,
         "COMM_002" => StatusCode::PAYLOAD_TOO_LARGE,

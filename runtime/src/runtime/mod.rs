@@ -722,7 +722,17 @@ impl Runtime {
             "runtime stopping",
         ));
         tracing::debug!("shutdown: stopping the scheduler");
-        self.inner.scheduler.shutdown().await;
+        let term = self.inner.config.lifecycle.termination_timeout;
+        let drained = tokio::time::timeout(term, self.inner.scheduler.shutdown())
+            .await
+            .is_ok();
+        if !drained {
+            // Stopping the agents below kills whatever those executions wait for.
+            tracing::warn!(
+                timeout = %humantime::format_duration(term),
+                "executions still running at shutdown after termination_timeout; stopping the agents under them"
+            );
+        }
         tracing::debug!("shutdown: stopping agents");
         let live: Vec<AgentId> = self
             .inner
@@ -743,6 +753,13 @@ impl Runtime {
         });
         futures::future::join_all(stops).await;
         tracing::debug!("shutdown: agents stopped");
+        if !drained
+            && tokio::time::timeout(term, self.inner.scheduler.shutdown())
+                .await
+                .is_err()
+        {
+            tracing::error!("executions still running after their agents were stopped");
+        }
         for handle in self.inner.background.lock().drain(..) {
             handle.abort();
         }

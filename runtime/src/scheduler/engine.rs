@@ -227,6 +227,9 @@ struct Shared {
 /// queue; the dispatcher is woken when executions start.
 const DISPATCH_WINDOW: usize = 32;
 
+/// How long a shutdown waits for running executions before it logs which ones it waits for.
+const SLOW_SHUTDOWN: Duration = Duration::from_secs(5);
+
 struct ShutdownGuard(CancellationToken);
 
 impl Drop for ShutdownGuard {
@@ -558,6 +561,8 @@ impl DefaultScheduler {
     pub async fn shutdown(&self) {
         self.shared.shutdown.cancel();
         self.shared.cancel_running();
+        let started = Instant::now();
+        let mut warned = false;
         loop {
             let notified = self.shared.idle.notified();
             tokio::pin!(notified);
@@ -565,7 +570,25 @@ impl DefaultScheduler {
             if self.shared.state.lock().running == 0 {
                 return;
             }
-            notified.await;
+            if !warned && started.elapsed() >= SLOW_SHUTDOWN {
+                warned = true;
+                let st = self.shared.state.lock();
+                let running: Vec<String> = st
+                    .tasks
+                    .iter()
+                    .filter(|(_, e)| e.record.status == TaskStatus::Running)
+                    .map(|(id, e)| format!("{id} on {:?}", e.record.assigned_agent))
+                    .collect();
+                tracing::warn!(
+                    count = st.running,
+                    ?running,
+                    "scheduler shutdown still waiting for running executions"
+                );
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(SLOW_SHUTDOWN) => {}
+            }
         }
     }
 }
@@ -1475,6 +1498,7 @@ async fn execute(shared: Arc<Shared>, job: Job) {
         executor,
     } = job;
     let id = ctx.task_id;
+    tracing::trace!(task = %id, agent = %ctx.agent_id, attempt = ctx.attempt, "execution starts");
     let prev = shared
         .unstarted
         .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
@@ -1529,6 +1553,7 @@ async fn execute(shared: Arc<Shared>, job: Job) {
         Outcome::Stopped if shared.shutdown.is_cancelled() => Some(CancelReason::Shutdown),
         Outcome::Stopped => Some(CancelReason::Cancelled),
     };
+    tracing::trace!(task = %id, ?stop_reason, "execution ended");
     if let Some(reason) = stop_reason {
         if let Err(e) = executor.cancel(&ctx, reason).await {
             tracing::error!(task = %id, agent = %ctx.agent_id, error = %e, ?reason, "killing the execution failed");
@@ -1551,6 +1576,13 @@ async fn execute(shared: Arc<Shared>, job: Job) {
         (Outcome::Done(Ok(output)), _) => {
             shared.policy.on_success(&ctx);
             finish(TaskStatus::Completed, None, output.data);
+        }
+        // A failure while the scheduler shuts down (typically the agent's program being
+        // stopped under it) takes no recovery action: the task stays Running in the store
+        // and runs again after the restart.
+        (Outcome::Done(Err(error)), _) if shared.shutdown.is_cancelled() => {
+            tracing::debug!(task = %id, error = %error, "task failed during shutdown; kept for the next start");
+            shared.abandon(id);
         }
         (Outcome::Done(Err(error)), _) => {
             let text = format!("{}: {}", error.code(), error);
