@@ -70,3 +70,8 @@ pub fn init_logging(default: &str, format: config::LogFormat) {
 #[cfg(doctest)]
 #[doc = include_str!("../../docs/seed-api.md")]
 pub struct SeedApiDoctests;
+
+/// The README's Rust blocks, compiled as doctests so the README cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
