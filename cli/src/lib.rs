@@ -9,11 +9,13 @@
 //!   `config`, `token`, `dsl`, `bench`).
 //! - [`output`]: tables, JSON output and progress display.
 //! - [`lockfile`]: `flock` locks (one daemon per data directory; token file updates).
+//! - [`memory`]: the daemon gives its start-up code pages back to the kernel once ready.
 
 pub mod api;
 pub mod client;
 pub mod commands;
 pub mod lockfile;
+pub mod memory;
 pub mod output;
 pub mod server;
 pub mod tokens;

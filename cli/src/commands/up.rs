@@ -100,6 +100,15 @@ async fn daemon(config: symbiont_runtime::config::RuntimeConfig) -> Result<ExitC
         let _ = stop_rx.await;
     }));
     tracing::info!(%local, data_dir = %config.storage.data_dir.display(), "symbiont daemon ready");
+    // Start-up code (tier probes, migrations, restore) ran once: give its pages back.
+    match crate::memory::release_startup_code() {
+        Ok(r) => tracing::debug!(
+            mappings = r.mappings,
+            bytes = r.bytes,
+            "start-up code paged out"
+        ),
+        Err(e) => tracing::debug!(error = %e, "could not page out the start-up code"),
+    }
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "symbiont: listening on http://{local}");
