@@ -366,21 +366,25 @@ async fn run_in_program(
     ctx: &TaskContext,
     input: &TaskInput,
 ) -> Result<Vec<Vec<u8>>, RuntimeError> {
-    let bridge = entry
-        .bridge
-        .lock()
-        .clone()
-        // A program that died is restarted by its exit handler; the task is retried on it.
-        .ok_or_else(|| SchedulerError::Interrupted {
-            agent: ctx.agent_id,
-            reason: "its program is not running (being restarted)".into(),
-        })?;
     let (tx, rx) = oneshot::channel();
     let key = ctx.task_id.to_string();
-    entry
-        .pending
-        .lock()
-        .insert(key.clone(), PendingTask::new(tx));
+    let bridge = {
+        // Under the slot's lock: when the program's output ends, the slot is emptied and
+        // the pending tasks cleared under it, so the task is either refused here or woken.
+        let slot = entry.bridge.lock();
+        let bridge = slot
+            .clone()
+            // A program that died is restarted by its exit handler; the task is retried on it.
+            .ok_or_else(|| SchedulerError::Interrupted {
+                agent: ctx.agent_id,
+                reason: "its program is not running (being restarted)".into(),
+            })?;
+        entry
+            .pending
+            .lock()
+            .insert(key.clone(), PendingTask::new(tx));
+        bridge
+    };
     if let Err(e) = deliver(&bridge, ctx, input).await {
         entry.pending.lock().remove(&key);
         return Err(e.into());
@@ -484,7 +488,7 @@ async fn drive_fresh_sandbox(
     pending
         .lock()
         .insert(ctx.task_id.to_string(), PendingTask::new(tx));
-    spawn_events(handle, logs, pending, ctx.agent_id);
+    spawn_events(handle, logs, pending, ctx.agent_id, None);
     deliver(&sender, ctx, input).await?;
     let outcome = tokio::select! {
         reply = rx => Ok(reply),
