@@ -464,9 +464,19 @@ async fn idle_agent_is_stopped_after_idle_timeout(sandbox: Arc<dyn Sandbox>, id:
         .expect("program ended")
         .expect("exit");
     assert_eq!(exit.reason, ExitReason::Killed, "{exit:?}");
+    // One stop, for idleness. A tier whose own machinery wakes up now and then (gVisor's
+    // Sentry under load) may clear a detected idleness before the stop: that is fine.
+    let steps = audited(&h, id);
     assert_eq!(
-        audited(&h, id),
-        vec![("idle".into(), "stop".into(), "ok".into())]
+        steps.last(),
+        Some(&("idle".into(), "stop".into(), "ok".into())),
+        "{steps:?}"
+    );
+    assert!(
+        steps[..steps.len() - 1]
+            .iter()
+            .all(|s| s.0 == "idle" && s.1 == "cleared"),
+        "{steps:?}"
     );
     assert!(h.manager.usage(id).is_none(), "no longer monitored");
 }
@@ -813,7 +823,12 @@ mod tiers {
         (sb, id, state)
     }
 
+    /// The tier tests measure CPU rates over fractions of a second: one at a time, so
+    /// they do not starve each other on a small host.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     pub(super) async fn idle(tier: SecurityTier) {
+        let _turn = ONE_AT_A_TIME.lock().await;
         let (sb, id, _state) = sandbox(tier, &IDLE).await;
         let t0 = Instant::now();
         idle_agent_is_stopped_after_idle_timeout(sb.clone(), id).await;
@@ -822,6 +837,7 @@ mod tiers {
     }
 
     pub(super) async fn runaway(tier: SecurityTier) {
+        let _turn = ONE_AT_A_TIME.lock().await;
         let (sb, id, _state) = sandbox(tier, &BUSY).await;
         let t0 = Instant::now();
         runaway_agent_is_killed_after_execution_timeout(sb.clone(), id).await;
