@@ -174,6 +174,11 @@ impl BridgeSender {
     pub fn is_closed(&self) -> bool {
         self.frames.is_closed()
     }
+
+    /// True when `other` sends to the same bridge (the same program's stdin).
+    pub fn same_bridge(&self, other: &BridgeSender) -> bool {
+        self.frames.same_channel(&other.frames)
+    }
 }
 
 async fn send_task(

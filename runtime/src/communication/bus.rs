@@ -1232,6 +1232,21 @@ impl DefaultCommunicationBus {
                     .counters
                     .delivered
                     .fetch_add(1, Ordering::Relaxed);
+                // A reply carries data between two agents like any other message: audited
+                // the same way (regression test: cross_tier.rs
+                // `..._exchange_a_request_and_reply_through_the_bus`).
+                if self.inner.config.audit_deliveries {
+                    self.audit(meta_event(
+                        AuditEventType::MessageSent,
+                        &meta,
+                        "reply accepted",
+                    ));
+                    self.audit(meta_event(
+                        AuditEventType::MessageDelivered,
+                        &meta,
+                        "reply delivered",
+                    ));
+                }
                 Ok(())
             }
             Some(Err(e)) => Err(e),

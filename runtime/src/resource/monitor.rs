@@ -618,7 +618,12 @@ impl AgentMonitor {
                     || stats.disk_write_bytes != prev.disk_write_bytes
                     || stats.net_rx_bytes != prev.net_rx_bytes
                     || stats.net_tx_bytes != prev.net_tx_bytes;
-                if u.cpu_cores > cfg.idle_cpu_threshold || io_changed {
+                // The program's own CPU when the tier tells it apart from its overhead.
+                let activity = match (stats.program_cpu_ns, prev.program_cpu_ns) {
+                    (Some(now), Some(before)) => rate(now, before) / 1e9,
+                    _ => u.cpu_cores,
+                };
+                if activity > cfg.idle_cpu_threshold || io_changed {
                     self.last_activity = now;
                     u.last_activity = sys_now;
                     // Progress while held means someone resumed the agent.

@@ -456,7 +456,13 @@ impl StdioHandler for Stdio {
         match bridge {
             Ok(handle) => {
                 *entry.bridge.lock() = Some(handle.sender());
-                spawn_events(handle, entry.logs.clone(), entry.pending.clone(), agent_id);
+                spawn_events(
+                    handle,
+                    entry.logs.clone(),
+                    entry.pending.clone(),
+                    agent_id,
+                    Some(entry.clone()),
+                );
             }
             Err(e) => tracing::error!(%agent_id, error = %e, "cannot bridge the agent to the bus"),
         }
@@ -480,12 +486,20 @@ pub(crate) fn spawn_stderr(
     });
 }
 
+/// Consumes a bridge's events: task results and outputs complete `pending`, logs are kept.
+/// `program`: the agent whose persistent program this bridge serves; when its output ends,
+/// the bridge leaves the agent's slot (if still there) together with the pending tasks, so a
+/// task retried before the sandbox's exit is noticed is refused at once (SCHED_011) instead
+/// of being written to a dead program and waiting for its timeout (regression test:
+/// cross_tier.rs `killing_a_docker_agents_container_mid_task_...`).
 pub(crate) fn spawn_events(
     mut handle: crate::communication::bridge::BridgeHandle,
     logs: Arc<Mutex<VecDeque<LogLine>>>,
     pending: PendingTasks,
     agent_id: AgentId,
+    program: Option<Arc<AgentEntry>>,
 ) {
+    let mine = handle.sender();
     tokio::spawn(async move {
         while let Some(event) = handle.next_event().await {
             match event {
@@ -518,8 +532,16 @@ pub(crate) fn spawn_events(
                     if let Some(e) = error {
                         push_log(&logs, "error", format!("bridge closed: {e}"));
                     }
-                    // Whoever still waits learns the program is gone.
+                    // Whoever still waits learns the program is gone. Under the slot's
+                    // lock: `run_in_program` registers a task under it too.
+                    let mut slot = program.as_ref().map(|entry| entry.bridge.lock());
+                    if let Some(slot) = slot.as_mut() {
+                        if slot.as_ref().is_some_and(|s| s.same_bridge(&mine)) {
+                            **slot = None;
+                        }
+                    }
                     pending.lock().clear();
+                    drop(slot);
                     tracing::debug!(%agent_id, "agent output closed");
                     break;
                 }

@@ -285,7 +285,7 @@ impl TaskExecutor for RuntimeExecutor {
                     .transition(ctx.agent_id, AgentState::Running, "executing a task");
         }
         let result = if persistent {
-            run_in_program(&entry, ctx, &input).await
+            run_in_program(&inner, &entry, ctx, &input).await
         } else {
             run_in_fresh_sandbox(&inner, &entry, ctx, &input).await
         };
@@ -362,25 +362,53 @@ fn finish_execution(inner: &Inner, entry: &AgentEntry, agent_id: AgentId, persis
 }
 
 async fn run_in_program(
+    inner: &Inner,
     entry: &AgentEntry,
     ctx: &TaskContext,
     input: &TaskInput,
 ) -> Result<Vec<Vec<u8>>, RuntimeError> {
-    let bridge = entry
-        .bridge
-        .lock()
-        .clone()
-        // A program that died is restarted by its exit handler; the task is retried on it.
-        .ok_or_else(|| SchedulerError::Interrupted {
-            agent: ctx.agent_id,
-            reason: "its program is not running (being restarted)".into(),
-        })?;
     let (tx, rx) = oneshot::channel();
     let key = ctx.task_id.to_string();
-    entry
-        .pending
-        .lock()
-        .insert(key.clone(), PendingTask::new(tx));
+    let mut tx = Some(tx);
+    let deadline = tokio::time::Instant::now() + ctx.timeout;
+    let bridge = loop {
+        {
+            // Under the slot's lock: when the program's output ends, the slot is emptied
+            // and the pending tasks cleared under it, so the task is either refused here or
+            // woken.
+            let slot = entry.bridge.lock();
+            if let Some(bridge) = slot.clone() {
+                if let Some(tx) = tx.take() {
+                    entry
+                        .pending
+                        .lock()
+                        .insert(key.clone(), PendingTask::new(tx));
+                }
+                break bridge;
+            }
+        }
+        // No program right now. While the agent is being (re)started (its sandbox booting:
+        // seconds for a microVM), the task waits for it instead of failing attempt after
+        // attempt (regression test: cross_tier.rs `killing_a_microvm_agents_vm_...`).
+        // Otherwise a program that died is restarted by its exit handler and the task is
+        // retried on it.
+        let starting = matches!(
+            inner.lifecycle.get_state(ctx.agent_id),
+            Ok(AgentState::Created
+                | AgentState::Initializing
+                | AgentState::Ready
+                | AgentState::Running
+                | AgentState::Waiting)
+        );
+        if !starting || tokio::time::Instant::now() >= deadline {
+            return Err(SchedulerError::Interrupted {
+                agent: ctx.agent_id,
+                reason: "its program is not running (being restarted)".into(),
+            }
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     if let Err(e) = deliver(&bridge, ctx, input).await {
         entry.pending.lock().remove(&key);
         return Err(e.into());
@@ -484,7 +512,7 @@ async fn drive_fresh_sandbox(
     pending
         .lock()
         .insert(ctx.task_id.to_string(), PendingTask::new(tx));
-    spawn_events(handle, logs, pending, ctx.agent_id);
+    spawn_events(handle, logs, pending, ctx.agent_id, None);
     deliver(&sender, ctx, input).await?;
     let outcome = tokio::select! {
         reply = rx => Ok(reply),

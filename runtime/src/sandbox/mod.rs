@@ -180,6 +180,12 @@ pub struct SandboxStats {
     pub net_tx_bytes: u64,
     /// Number of processes/threads.
     pub pids: u64,
+    /// CPU time of the agent's program alone, in nanoseconds, when the tier measures it
+    /// apart from its own overhead (microVM: the program's cgroup in the guest, while
+    /// `cpu_usage_ns` is the whole VMM's host CPU, which an idle guest keeps above zero).
+    /// `None`: `cpu_usage_ns` is the program's. Idle detection uses this when present.
+    #[serde(default)]
+    pub program_cpu_ns: Option<u64>,
 }
 
 /// Output of a command run with [`Sandbox::exec`].

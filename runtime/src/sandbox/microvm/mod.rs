@@ -468,7 +468,8 @@ pub fn wanted_modules(vmm: Vmm, disk: bool, network: bool, net_limit: bool) -> V
         m.push("virtio_blk");
     }
     match vmm {
-        Vmm::Qemu => m.push("virtio_console"),
+        // virtio_rng: the guest's entropy source (see `qemu_args`).
+        Vmm::Qemu => m.extend(["virtio_console", "virtio_rng"]),
         Vmm::Firecracker => m.push("vmw_vsock_virtio_transport"),
     }
     if network {
@@ -672,7 +673,7 @@ mod tests {
     fn modules_follow_devices() {
         assert_eq!(
             wanted_modules(Vmm::Qemu, false, false, false),
-            ["virtio_mmio", "virtio_console"]
+            ["virtio_mmio", "virtio_console", "virtio_rng"]
         );
         let fc = wanted_modules(Vmm::Firecracker, true, false, false);
         assert!(fc.contains(&"vmw_vsock_virtio_transport") && fc.contains(&"virtio_blk"));

@@ -173,6 +173,17 @@ pub fn qemu_args(plan: &VmPlan) -> Vec<String> {
         "-device",
         &format!("virtserialport,chardev=ctl,name={VIRTIO_PORT_NAME}"),
     ]);
+    // A hardware RNG fed from the host's /dev/urandom. Without it the guest kernel's CRNG
+    // may never become ready (no RDRAND on TCG's default CPU, few interrupts in an idle
+    // VM), and programs that wait for it (e.g. statically linked Rust binaries, whose
+    // `getrandom` falls back to polling /dev/random) block forever. Regression test:
+    // cross_tier.rs `native_agent_and_microvm_agent_exchange_...`.
+    push(&[
+        "-object",
+        "rng-random,id=rng0,filename=/dev/urandom",
+        "-device",
+        "virtio-rng-device,rng=rng0",
+    ]);
     push(&["-qmp", &format!("unix:{},server=on,wait=off", p(&plan.qmp))]);
     if let Some(disk) = &plan.disk {
         let mut drive = format!(
