@@ -15,7 +15,7 @@ echo "    cargo build -p symbiont-agent --example echo_agent (static) -> $agents
 (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_DEBUG=0 \
   CARGO_PROFILE_RELEASE_STRIP=symbols \
   cargo build -q -p symbiont-agent --example echo_agent --release --target x86_64-unknown-linux-gnu)
-built="$repo/target/x86_64-unknown-linux-gnu/release/examples/echo_agent"
+built="${CARGO_TARGET_DIR:-$repo/target}/x86_64-unknown-linux-gnu/release/examples/echo_agent"
 if ! file "$built" 2>/dev/null | grep -q "static"; then
   ldd "$built" 2>&1 | grep -q "not a dynamic executable" || { echo "setup: $built is not static" >&2; exit 1; }
 fi
