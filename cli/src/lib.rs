@@ -6,7 +6,7 @@
 //! - [`client`]: the HTTP client the commands use.
 //! - [`tokens`]: API bearer tokens (created offline, stored hashed).
 //! - [`commands`]: one module per subcommand (`up`, `agent`, `task`, `send`, `audit`,
-//!   `config`, `token`, `dsl`, `bench`).
+//!   `config`, `token`, `dsl`, `bench`, `demo`).
 //! - [`output`]: tables, JSON output and progress display.
 //! - [`lockfile`]: `flock` locks (one daemon per data directory; token file updates).
 //! - [`memory`]: the daemon gives its start-up code pages back to the kernel once ready.
