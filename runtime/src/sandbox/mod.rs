@@ -188,6 +188,26 @@ pub struct SandboxStats {
     pub program_cpu_ns: Option<u64>,
 }
 
+impl SandboxStats {
+    /// This sample with its cumulative counters (CPU, disk, network) never below
+    /// `previous`'s: a counter of a sandbox never goes back, but a tier may report a
+    /// partial sample (Docker answers an exiting container's stats with empty block-I/O
+    /// lists). Gauges (memory, pids) are taken as sampled.
+    pub fn monotonic_after(mut self, previous: &SandboxStats) -> SandboxStats {
+        self.cpu_usage_ns = self.cpu_usage_ns.max(previous.cpu_usage_ns);
+        self.disk_read_bytes = self.disk_read_bytes.max(previous.disk_read_bytes);
+        self.disk_write_bytes = self.disk_write_bytes.max(previous.disk_write_bytes);
+        self.net_rx_bytes = self.net_rx_bytes.max(previous.net_rx_bytes);
+        self.net_tx_bytes = self.net_tx_bytes.max(previous.net_tx_bytes);
+        self.memory_peak_bytes = self.memory_peak_bytes.max(previous.memory_peak_bytes);
+        self.program_cpu_ns = match (self.program_cpu_ns, previous.program_cpu_ns) {
+            (Some(now), Some(before)) => Some(now.max(before)),
+            (now, before) => now.or(before),
+        };
+        self
+    }
+}
+
 /// Output of a command run with [`Sandbox::exec`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -505,6 +525,30 @@ pub async fn probe_registry(config: &SandboxConfig) -> (SandboxRegistry, Vec<Tie
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partial_sample_never_moves_cumulative_counters_back() {
+        let before = SandboxStats {
+            memory_bytes: 50,
+            cpu_usage_ns: 10,
+            disk_write_bytes: 40 << 20,
+            net_rx_bytes: 7,
+            program_cpu_ns: Some(3),
+            ..Default::default()
+        };
+        // Docker's stats of an exiting container: empty block-I/O and network lists.
+        let partial = SandboxStats {
+            memory_bytes: 20,
+            cpu_usage_ns: 12,
+            ..Default::default()
+        };
+        let merged = partial.monotonic_after(&before);
+        assert_eq!(merged.disk_write_bytes, 40 << 20);
+        assert_eq!(merged.net_rx_bytes, 7);
+        assert_eq!(merged.cpu_usage_ns, 12);
+        assert_eq!(merged.memory_bytes, 20, "gauges are taken as sampled");
+        assert_eq!(merged.program_cpu_ns, Some(3));
+    }
 
     #[test]
     fn spec_rejects_escaping_file_paths() {

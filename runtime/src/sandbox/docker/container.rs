@@ -58,6 +58,8 @@ struct Inner {
     spec: SandboxSpec,
     root: PathBuf,
     blkio: parking_lot::Mutex<Vec<(String, u64)>>,
+    /// The last stats sample (keeps cumulative counters monotonic across partial samples).
+    last_stats: parking_lot::Mutex<SandboxStats>,
     /// Current `tbf` rate in Mb/s (0 = none).
     shaped_mbps: AtomicU64,
     phase: tokio::sync::Mutex<Phase>,
@@ -237,6 +239,7 @@ impl ContainerSandbox {
                 spec,
                 root,
                 blkio: parking_lot::Mutex::new(blkio),
+                last_stats: parking_lot::Mutex::new(SandboxStats::default()),
                 shaped_mbps: AtomicU64::new(shaping.unwrap_or(0)),
                 phase: tokio::sync::Mutex::new(Phase::Created),
                 intervention: parking_lot::Mutex::new(Intervention::None),
@@ -663,7 +666,9 @@ impl Sandbox for ContainerSandbox {
                 e if is_status(&e, 404) => inner.invalid("container is gone"),
                 e => SandboxError::op("stats", e),
             })?;
-        Ok(translate::stats_from_docker(&sample))
+        let mut last = inner.last_stats.lock();
+        *last = translate::stats_from_docker(&sample).monotonic_after(&last);
+        Ok(last.clone())
     }
 
     async fn pause(&self) -> Result<(), SandboxError> {
