@@ -420,7 +420,7 @@ agent worker {
       import time
       from frames import serve
       def work(doc, handler):
-          time.sleep(1.5)
+          time.sleep(4)
           return [{"done": doc}]
       serve({"task": work})
       """

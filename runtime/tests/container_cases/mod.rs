@@ -618,15 +618,37 @@ pub async fn disk_write_rate_is_limited(tier: &'static Tier) {
     let sandbox = env.backend.create(s).await.expect("create");
     let mut io = sandbox.start().await.expect("start");
     let started = Instant::now();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (a, ta) = (sandbox.stats().await.expect("stats"), Instant::now());
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (b, tb) = (sandbox.stats().await.expect("stats"), Instant::now());
-    let sampled = (b.disk_write_bytes - a.disk_write_bytes) as f64 / (tb - ta).as_secs_f64();
+    // Sample the tier's counters every 500 ms until the program exits. A stats call can
+    // take a while on a loaded host (and a sample taken after the exit repeats the last
+    // value), so each sample is timed at the middle of its call and the rate is taken
+    // between the first sample that saw writes and the first that saw all of them.
+    let mut samples: Vec<(Instant, u64)> = Vec::new();
+    let exit = {
+        let wait = sandbox.wait();
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                exit = &mut wait => break exit.expect("wait"),
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    let t0 = Instant::now();
+                    if let Ok(st) = sandbox.stats().await {
+                        let mid = t0 + (Instant::now() - t0) / 2;
+                        samples.push((mid, st.disk_write_bytes));
+                    }
+                }
+            }
+        }
+    };
+    let overall = 60.0 * 1024.0 * 1024.0 / started.elapsed().as_secs_f64();
     let mut out = String::new();
     io.stdout.read_to_string(&mut out).await.expect("stdout");
-    let exit = sandbox.wait().await.expect("wait");
-    let overall = 60.0 * 1024.0 * 1024.0 / started.elapsed().as_secs_f64();
+    let first = samples.iter().find(|(_, v)| *v > 0).copied();
+    let top = samples.iter().map(|(_, v)| *v).max().unwrap_or(0);
+    let last = samples.iter().find(|(_, v)| *v == top).copied();
+    let sampled = match (first, last) {
+        (Some((ta, a)), Some((tb, b))) if tb > ta => (b - a) as f64 / (tb - ta).as_secs_f64(),
+        _ => panic!("fewer than two distinct samples of the write counter: {samples:?}"),
+    };
     assert!(exit.success() && out.contains("rc=0"), "{exit:?} {out}");
     let limit = 10e6 * 1.2;
     println!(
