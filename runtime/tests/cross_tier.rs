@@ -15,16 +15,10 @@
 mod e2e;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use symbiont_runtime::config::RuntimeConfig;
 use symbiont_runtime::integrations::audit_trail::{AuditEventType, AuditQuery};
 use symbiont_runtime::runtime::{Runtime, SendRequest, TaskRequest};
-use symbiont_runtime::sandbox::docker::DockerBackend;
-use symbiont_runtime::sandbox::microvm::MicrovmBackend;
-use symbiont_runtime::sandbox::native::NativeBackend;
-use symbiont_runtime::sandbox::{SandboxBackend, SandboxRegistry};
 use symbiont_runtime::scheduler::TaskStatus;
 use symbiont_runtime::*;
 
@@ -45,68 +39,6 @@ fn static_agents() -> PathBuf {
     );
     dir
 }
-
-/// A runtime with the native tier plus `extra` (probed; a tier that cannot run FAILS).
-async fn runtime_with(config: RuntimeConfig, extra: &[SecurityTier]) -> Runtime {
-    if let Ok(level) = std::env::var("SYMBIONT_TEST_LOG") {
-        symbiont_runtime::init_logging(&level, symbiont_runtime::config::LogFormat::Text);
-    }
-    let mut backends: Vec<Arc<dyn SandboxBackend>> = vec![Arc::new(
-        NativeBackend::new(config.sandbox.clone()).unwrap_or_else(|e| {
-            panic!("the native tier must work here ({e}); run as root: `bash scripts/setup.sh`")
-        }),
-    )];
-    for tier in extra {
-        let backend: Arc<dyn SandboxBackend> = match tier {
-            SecurityTier::Tier1 => Arc::new(
-                DockerBackend::new(&config.sandbox)
-                    .unwrap_or_else(|e| panic!("docker tier: {e}; run `bash scripts/setup.sh`")),
-            ),
-            SecurityTier::Tier2 => Arc::new(
-                symbiont_runtime::sandbox::gvisor::GvisorBackend::new(&config.sandbox)
-                    .unwrap_or_else(|e| panic!("gVisor tier: {e}; run `bash scripts/setup.sh`")),
-            ),
-            SecurityTier::Tier3 => Arc::new(MicrovmBackend::new(&config.sandbox)),
-            SecurityTier::Native => continue,
-        };
-        backends.push(backend);
-    }
-    let mut registry = SandboxRegistry::new();
-    let mut infos = Vec::new();
-    for backend in backends {
-        let info = backend.probe().await.unwrap_or_else(|e| {
-            panic!(
-                "sandbox tier {} is not usable here ({}): {e}\nrun `bash scripts/setup.sh` to install it",
-                backend.tier(),
-                e.code()
-            )
-        });
-        infos.push(info);
-        registry.register(backend);
-    }
-    Runtime::start_with_registry(config, registry, infos)
-        .await
-        .expect("runtime starts")
-}
-
-/// A runtime in a fresh temporary directory with the native tier plus `extra`.
-async fn harness(extra: &[SecurityTier]) -> Harness {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let runtime = runtime_with(config(dir.path()), extra).await;
-    Harness { runtime, dir }
-}
-
-/// The Python echo agent of `examples/agents/` on the native tier.
-const PY_ECHO: &str = r#"
-agent relay {
-  run ["/usr/bin/python3", "/workspace/echo_agent.py"]
-  file "echo_agent.py" from "echo_agent.py"
-  policy {
-    allow send to any
-    allow receive from any
-  }
-}
-"#;
 
 /// The static Rust echo agent in `TIER`; `ENV` is replaced by `env` statements.
 const STATIC_ECHO: &str = r#"
@@ -251,15 +183,7 @@ fn tier_of(runtime: &Runtime, id: AgentId) -> SecurityTier {
 async fn native_agent_and_docker_agent_exchange_a_request_and_reply_through_the_bus() {
     let h = harness(&[SecurityTier::Tier1]).await;
     let inner = create_static(&h.runtime, "inner", "docker", "").await;
-    let relay = h
-        .runtime
-        .create_agent_from_definition(
-            PY_ECHO,
-            Some(repo().join("examples/agents")),
-            AgentConfig::default(),
-        )
-        .await
-        .expect("relay created");
+    let relay = py_echo(&h.runtime).await;
     wait_state(
         &h.runtime,
         inner,
@@ -307,15 +231,7 @@ async fn native_agent_and_docker_agent_exchange_a_request_and_reply_through_the_
 async fn native_agent_and_microvm_agent_exchange_a_request_and_reply_through_the_bus() {
     let h = harness(&[SecurityTier::Tier3]).await;
     let inner = create_static(&h.runtime, "inner", "microvm", "").await;
-    let relay = h
-        .runtime
-        .create_agent_from_definition(
-            PY_ECHO,
-            Some(repo().join("examples/agents")),
-            AgentConfig::default(),
-        )
-        .await
-        .expect("relay created");
+    let relay = py_echo(&h.runtime).await;
     wait_state(
         &h.runtime,
         inner,

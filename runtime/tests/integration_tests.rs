@@ -12,29 +12,10 @@ use symbiont_runtime::*;
 
 use e2e::*;
 
-const PY_ECHO: &str = r#"
-agent echo {
-  run ["/usr/bin/python3", "/workspace/echo_agent.py"]
-  file "echo_agent.py" from "echo_agent.py"
-  policy {
-    allow send to any
-    allow receive from any
-  }
-}
-"#;
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn persistent_agent_answers_a_task_from_inside_its_native_sandbox() {
     let h = native().await;
-    let id = h
-        .runtime
-        .create_agent_from_definition(
-            PY_ECHO,
-            Some(repo().join("examples/agents")),
-            AgentConfig::default(),
-        )
-        .await
-        .expect("agent created");
+    let id = py_echo(&h.runtime).await;
     wait_state(&h.runtime, id, AgentState::Running, Duration::from_secs(10)).await;
     let status = h.runtime.agent_status(id).expect("status");
     assert!(status.sandbox_id.is_some(), "{status:?}");
@@ -64,15 +45,7 @@ async fn persistent_agent_answers_a_task_from_inside_its_native_sandbox() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_reaches_a_persistent_program_and_its_answer_comes_back() {
     let h = native().await;
-    let id = h
-        .runtime
-        .create_agent_from_definition(
-            PY_ECHO,
-            Some(repo().join("examples/agents")),
-            AgentConfig::default(),
-        )
-        .await
-        .expect("agent created");
+    let id = py_echo(&h.runtime).await;
     wait_state(&h.runtime, id, AgentState::Running, Duration::from_secs(10)).await;
     // The echo agent answers a direct message with "echo:<payload>" to the sender.
     let operator = h.runtime.operator_id();

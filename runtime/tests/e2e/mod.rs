@@ -9,10 +9,13 @@ use std::time::Duration;
 
 use symbiont_runtime::config::RuntimeConfig;
 use symbiont_runtime::runtime::Runtime;
+use symbiont_runtime::sandbox::docker::DockerBackend;
+use symbiont_runtime::sandbox::gvisor::GvisorBackend;
+use symbiont_runtime::sandbox::microvm::MicrovmBackend;
 use symbiont_runtime::sandbox::native::NativeBackend;
 use symbiont_runtime::sandbox::{SandboxBackend, SandboxRegistry};
 use symbiont_runtime::storage::StorageBackend;
-use symbiont_runtime::AgentState;
+use symbiont_runtime::{AgentConfig, AgentId, AgentState, SecurityTier};
 
 /// A runtime and the directory it lives in (removed on drop).
 pub struct Harness {
@@ -43,25 +46,88 @@ pub fn config(dir: &Path) -> RuntimeConfig {
 
 /// Starts a runtime with the native tier only (no VM probe, no daemon needed).
 pub async fn native_runtime(config: RuntimeConfig) -> Runtime {
+    runtime_with(config, &[]).await
+}
+
+/// A runtime with the native tier plus `extra`, each probed: a tier that cannot run here
+/// FAILS the test with the command that installs it.
+pub async fn runtime_with(config: RuntimeConfig, extra: &[SecurityTier]) -> Runtime {
     if let Ok(level) = std::env::var("SYMBIONT_TEST_LOG") {
         symbiont_runtime::init_logging(&level, symbiont_runtime::config::LogFormat::Text);
     }
-    let backend = NativeBackend::new(config.sandbox.clone()).unwrap_or_else(|e| {
-        panic!("the native tier must work here ({e}); run as root: `bash scripts/setup.sh`")
-    });
-    let info = backend.probe().await.expect("native probe");
+    let mut backends: Vec<Arc<dyn SandboxBackend>> = vec![Arc::new(
+        NativeBackend::new(config.sandbox.clone()).unwrap_or_else(|e| {
+            panic!("the native tier must work here ({e}); run as root: `bash scripts/setup.sh`")
+        }),
+    )];
+    for tier in extra {
+        let backend: Arc<dyn SandboxBackend> = match tier {
+            SecurityTier::Tier1 => Arc::new(
+                DockerBackend::new(&config.sandbox)
+                    .unwrap_or_else(|e| panic!("docker tier: {e}; run `bash scripts/setup.sh`")),
+            ),
+            SecurityTier::Tier2 => Arc::new(
+                GvisorBackend::new(&config.sandbox)
+                    .unwrap_or_else(|e| panic!("gVisor tier: {e}; run `bash scripts/setup.sh`")),
+            ),
+            SecurityTier::Tier3 => Arc::new(MicrovmBackend::new(&config.sandbox)),
+            SecurityTier::Native => continue,
+        };
+        backends.push(backend);
+    }
     let mut registry = SandboxRegistry::new();
-    registry.register(Arc::new(backend));
-    Runtime::start_with_registry(config, registry, vec![info])
+    let mut infos = Vec::new();
+    for backend in backends {
+        let info = backend.probe().await.unwrap_or_else(|e| {
+            panic!(
+                "sandbox tier {} is not usable here ({}): {e}\nrun `bash scripts/setup.sh` to install it",
+                backend.tier(),
+                e.code()
+            )
+        });
+        infos.push(info);
+        registry.register(backend);
+    }
+    Runtime::start_with_registry(config, registry, infos)
         .await
         .expect("runtime starts")
 }
 
+/// A runtime in a fresh temporary directory with the native tier plus `extra`.
+pub async fn harness(extra: &[SecurityTier]) -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let runtime = runtime_with(config(dir.path()), extra).await;
+    Harness { runtime, dir }
+}
+
+/// The Python echo agent of `examples/agents/` on the native tier (see its docstring:
+/// echoes messages, reverses requests, upper-cases tasks, relays "ask").
+pub const PY_ECHO: &str = r#"
+agent echo {
+  run ["/usr/bin/python3", "/workspace/echo_agent.py"]
+  file "echo_agent.py" from "echo_agent.py"
+  policy {
+    allow send to any
+    allow receive from any
+  }
+}
+"#;
+
+/// Creates (and starts) the Python echo agent.
+pub async fn py_echo(runtime: &Runtime) -> AgentId {
+    runtime
+        .create_agent_from_definition(
+            PY_ECHO,
+            Some(repo().join("examples/agents")),
+            AgentConfig::default(),
+        )
+        .await
+        .expect("the python echo agent is created")
+}
+
 /// A fresh native runtime in a temporary directory.
 pub async fn native() -> Harness {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let runtime = native_runtime(config(dir.path())).await;
-    Harness { runtime, dir }
+    harness(&[]).await
 }
 
 /// Waits until the agent reaches `state` (or panics after `timeout`).
