@@ -17,7 +17,7 @@ use clap::{Args, Subcommand};
 use symbiont_runtime::config::RuntimeConfig;
 use symbiont_runtime::integrations::audit_trail::{
     public_key_path, scan_dir, tail_dir, verify_dir, AuditEventType, AuditPublicKey, AuditQuery,
-    AuditRecord,
+    AuditRecord, VerifyReport,
 };
 use symbiont_runtime::AgentId;
 
@@ -180,13 +180,23 @@ fn remote_tail(ctx: &super::Context, n: usize, json: bool) -> Result<ExitCode> {
     })
 }
 
-fn verify(args: VerifyArgs, config: &RuntimeConfig) -> Result<ExitCode> {
-    let dir = log_dir(&args.dir, config);
-    let key_file = args.public_key.unwrap_or_else(|| {
+/// Verifies the audit log of `config` offline: `dir` or the configured log directory,
+/// against `public_key` or the public half of the configured signing key.
+pub fn verify_offline(
+    config: &RuntimeConfig,
+    dir: Option<PathBuf>,
+    public_key: Option<PathBuf>,
+) -> Result<VerifyReport> {
+    let dir = dir.unwrap_or_else(|| config.audit.resolved_dir(&config.storage.data_dir));
+    let key_file = public_key.unwrap_or_else(|| {
         public_key_path(&config.audit.resolved_key_path(&config.storage.data_dir))
     });
     let key = AuditPublicKey::read_file(&key_file)?;
-    let report = verify_dir(&dir, &key)?;
+    Ok(verify_dir(&dir, &key)?)
+}
+
+fn verify(args: VerifyArgs, config: &RuntimeConfig) -> Result<ExitCode> {
+    let report = verify_offline(config, args.dir.dir.clone(), args.public_key)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

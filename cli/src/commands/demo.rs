@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::Args;
 use serde_json::{json, Value};
-use symbiont_runtime::integrations::audit_trail::{public_key_path, verify_dir, AuditPublicKey};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 use super::Context;
@@ -242,11 +241,9 @@ async fn demo(args: DemoArgs, ctx: &Context) -> Result<ExitCode> {
     ));
 
     say("==> verifying the audit trail offline (what `symbiont audit verify` does)");
-    let config = ctx.load_config()?;
-    let key_file = public_key_path(&config.audit.resolved_key_path(&data_dir));
-    let key = AuditPublicKey::read_file(&key_file)?;
-    let audit_dir = config.audit.resolved_dir(&data_dir);
-    let report = verify_dir(&audit_dir, &key)?;
+    let mut config = ctx.load_config()?;
+    config.storage.data_dir = data_dir.clone();
+    let report = super::audit::verify_offline(&config, None, None)?;
     if !report.is_ok() {
         bail!("the audit trail does not verify after shutdown:\n{report}");
     }
