@@ -81,6 +81,15 @@ async fn main() {
         create.push(c);
         agent.push(first);
     }
+    if std::env::var_os("SYMBIONT_BENCH_VERBOSE").is_some() {
+        for (i, (b, a)) in bare.iter().zip(&agent).enumerate() {
+            println!(
+                "sandbox_microvm: iteration {i}: bare {:7.1} ms, agent {:7.1} ms",
+                ms(*b),
+                ms(*a)
+            );
+        }
+    }
     let (b, a, c) = (median(&mut bare), median(&mut agent), median(&mut create));
     println!(
         "sandbox_microvm: backend {} ({})",

@@ -252,6 +252,26 @@ async fn with_network_the_guest_reaches_a_host_loopback_server() {
     assert_eq!(server.await.expect("server"), b"ping\n");
 }
 
+/// The guest kernel's CRNG is seeded at boot, before anything waits for it: the input pool
+/// holds its full 256 credited bits (`entropy_avail`, Linux >= 5.18) when the program starts.
+/// Under TCG the entropy comes from the CPU's RDRAND, under KVM from a virtio-rng device.
+/// Without either the pool starts near 0, and programs that poll /dev/random for readiness
+/// (static Rust agents did) blocked forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_crng_is_seeded_at_boot() {
+    let env = env();
+    let (out, err, exit) = run(
+        &env,
+        spec(&["/bin/sh", "-c", "cat /proc/sys/kernel/random/entropy_avail"]),
+    )
+    .await;
+    assert!(exit.success(), "{exit:?} {err}");
+    assert_eq!(
+        out, "256\n",
+        "credited entropy bits when the program started"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_files_are_not_reachable_from_the_guest() {
     let env = env();

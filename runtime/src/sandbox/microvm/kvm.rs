@@ -175,15 +175,11 @@ pub async fn bare_boot(
     memory_mb: u64,
     timeout: Duration,
 ) -> Result<BareBoot, String> {
-    let accel_arg = match accel {
-        Accel::Kvm => "kvm",
-        Accel::Tcg => "tcg,tb-size=64",
-    };
     let start = Instant::now();
     let mut child = Command::new(qemu)
         .args(["-name", "symbiont-bare-boot"])
         .args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on"])
-        .args(["-accel", accel_arg])
+        .args(super::vmm::accel_args(accel))
         .args(["-m", &memory_mb.to_string(), "-smp", "1"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-serial", "stdio", "-monitor", "none", "-net", "none"])

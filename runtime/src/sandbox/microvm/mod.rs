@@ -459,18 +459,28 @@ impl MicrovmBackend {
     }
 }
 
-/// The kernel modules a guest needs for its channel, disk and network.
-pub fn wanted_modules(vmm: Vmm, disk: bool, network: bool, net_limit: bool) -> Vec<&'static str> {
-    // The block driver first: the disk's probe I/O then runs on the host while the guest
-    // loads the rest.
+/// The kernel modules a guest needs for its channel, disk, entropy source and network.
+pub fn wanted_modules(
+    vmm: Vmm,
+    accel: Accel,
+    disk: bool,
+    network: bool,
+    net_limit: bool,
+) -> Vec<&'static str> {
+    // The block driver first: the guest mounts the disk from a second thread while it loads
+    // the rest, so the disk's I/O overlaps the boot.
     let mut m = vec!["virtio_mmio"];
     if disk {
         m.push("virtio_blk");
     }
     match vmm {
-        // virtio_rng: the guest's entropy source (see `qemu_args`).
-        Vmm::Qemu => m.extend(["virtio_console", "virtio_rng"]),
+        Vmm::Qemu => m.push("virtio_console"),
         Vmm::Firecracker => m.push("vmw_vsock_virtio_transport"),
+    }
+    // Under TCG the guest's entropy comes from RDRAND (see `vmm::accel_args`); under KVM
+    // QEMU adds a virtio-rng device.
+    if vmm == Vmm::Qemu && accel == Accel::Kvm {
+        m.push("virtio_rng");
     }
     if network {
         m.push("virtio_net");
@@ -578,7 +588,10 @@ impl SandboxBackend for MicrovmBackend {
         }
         let disk = self.cfg.workspace_disk_mb > 0;
         let net_limit = network && spec.limits.network_io_mbps > 0;
-        let modules = self.modules_for(&env, wanted_modules(env.vmm, disk, network, net_limit))?;
+        let modules = self.modules_for(
+            &env,
+            wanted_modules(env.vmm, env.accel, disk, network, net_limit),
+        )?;
         let guest = guest_config(&spec, self.cfg.guest_uid, self.pids_limit, &modules, disk);
         let inputs = BaseInputs {
             guest_init: self.cfg.guest_init.clone(),
@@ -672,12 +685,16 @@ mod tests {
     #[test]
     fn modules_follow_devices() {
         assert_eq!(
-            wanted_modules(Vmm::Qemu, false, false, false),
-            ["virtio_mmio", "virtio_console", "virtio_rng"]
+            wanted_modules(Vmm::Qemu, Accel::Tcg, false, false, false),
+            ["virtio_mmio", "virtio_console"]
         );
-        let fc = wanted_modules(Vmm::Firecracker, true, false, false);
+        assert_eq!(
+            wanted_modules(Vmm::Qemu, Accel::Kvm, true, false, false),
+            ["virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng"]
+        );
+        let fc = wanted_modules(Vmm::Firecracker, Accel::Kvm, true, false, false);
         assert!(fc.contains(&"vmw_vsock_virtio_transport") && fc.contains(&"virtio_blk"));
-        let net = wanted_modules(Vmm::Qemu, true, true, true);
+        let net = wanted_modules(Vmm::Qemu, Accel::Tcg, true, true, true);
         assert!(net.contains(&"virtio_net") && net.contains(&"sch_tbf"));
     }
 }

@@ -344,7 +344,8 @@ impl MicrovmSandbox {
         let pid = child.id().unwrap_or(0);
         self.shared.vmm_pid.store(pid, Ordering::SeqCst);
         tracing::info!(sandbox = %self.id, pid, vmm = self.vmm.backend_name(), accel = %self.plan.accel,
-            memory_mb = self.plan.memory_mb, vcpus = self.plan.vcpus, "microVM launched");
+            memory_mb = self.plan.memory_mb, vcpus = self.plan.vcpus,
+            launch_us = boot_started.elapsed().as_micros() as u64, "microVM launched");
 
         let boot_timeout = self.cfg.boot_timeout;
         let accepted = tokio::select! {

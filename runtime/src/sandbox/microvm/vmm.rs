@@ -127,6 +127,24 @@ impl VmPlan {
     }
 }
 
+/// The accelerator and CPU model arguments of every QEMU VM on `accel`, shared by agent VMs
+/// and the benchmark's bare boot so both run the same virtual machine.
+///
+/// Under TCG the CPU model is QEMU's default (`qemu64`) plus RDRAND, which TCG implements
+/// with the host's `getrandom`. The guest kernel trusts it (`CONFIG_RANDOM_TRUST_CPU`) and
+/// its CRNG is seeded within the first 0.1 s of boot. Without an entropy source the CRNG may
+/// never become ready in an idle TCG guest, and programs that wait for it by polling
+/// `/dev/random` (statically linked Rust agents did) block forever. Regression tests:
+/// `sandbox_microvm.rs` `guest_crng_is_seeded_at_boot` and cross_tier.rs
+/// `native_agent_and_microvm_agent_exchange_...`. A small translation cache keeps the VMM's
+/// own memory near the guest's.
+pub fn accel_args(accel: Accel) -> [&'static str; 4] {
+    match accel {
+        Accel::Kvm => ["-accel", "kvm", "-cpu", "qemu64"],
+        Accel::Tcg => ["-accel", "tcg,tb-size=64", "-cpu", "qemu64,+rdrand"],
+    }
+}
+
 /// The QEMU `microvm` command line (without the binary) for `plan`.
 pub fn qemu_args(plan: &VmPlan) -> Vec<String> {
     let p = |path: &PathBuf| path.to_string_lossy().to_string();
@@ -134,11 +152,7 @@ pub fn qemu_args(plan: &VmPlan) -> Vec<String> {
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     push(&["-name", &plan.name]);
     push(&["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on"]);
-    match plan.accel {
-        Accel::Kvm => push(&["-accel", "kvm"]),
-        // A small translation cache keeps the VMM's own memory near the guest's.
-        Accel::Tcg => push(&["-accel", "tcg,tb-size=64"]),
-    }
+    push(&accel_args(plan.accel));
     push(&[
         "-m",
         &plan.memory_mb.to_string(),
@@ -173,17 +187,16 @@ pub fn qemu_args(plan: &VmPlan) -> Vec<String> {
         "-device",
         &format!("virtserialport,chardev=ctl,name={VIRTIO_PORT_NAME}"),
     ]);
-    // A hardware RNG fed from the host's /dev/urandom. Without it the guest kernel's CRNG
-    // may never become ready (no RDRAND on TCG's default CPU, few interrupts in an idle
-    // VM), and programs that wait for it (e.g. statically linked Rust binaries, whose
-    // `getrandom` falls back to polling /dev/random) block forever. Regression test:
-    // cross_tier.rs `native_agent_and_microvm_agent_exchange_...`.
-    push(&[
-        "-object",
-        "rng-random,id=rng0,filename=/dev/urandom",
-        "-device",
-        "virtio-rng-device,rng=rng0",
-    ]);
+    if plan.accel == Accel::Kvm {
+        // Under KVM the guest sees the default CPU model, which may lack RDRAND: a hardware
+        // RNG fed from the host's /dev/urandom seeds its CRNG instead (see `accel_args`).
+        push(&[
+            "-object",
+            "rng-random,id=rng0,filename=/dev/urandom",
+            "-device",
+            "virtio-rng-device,rng=rng0",
+        ]);
+    }
     push(&["-qmp", &format!("unix:{},server=on,wait=off", p(&plan.qmp))]);
     if let Some(disk) = &plan.disk {
         let mut drive = format!(
@@ -298,6 +311,9 @@ mod tests {
         assert_eq!(window(&args, "-m"), ["320"]);
         assert_eq!(window(&args, "-smp"), ["2"]);
         assert_eq!(window(&args, "-accel"), ["tcg,tb-size=64"]);
+        // TCG: entropy from RDRAND, no virtio-rng device.
+        assert_eq!(window(&args, "-cpu"), ["qemu64,+rdrand"]);
+        assert!(!args.iter().any(|a| a.contains("virtio-rng")));
         assert_eq!(
             window(&args, "-M")[0],
             "microvm,x-option-roms=off,isa-serial=on,rtc=on"
@@ -327,6 +343,7 @@ mod tests {
         assert!(window(&args, "-device").contains(&"virtio-net-device,netdev=net0"));
         assert!(window(&args, "-net").is_empty());
         assert_eq!(window(&args, "-accel"), ["kvm"]);
+        assert!(window(&args, "-device").contains(&"virtio-rng-device,rng=rng0"));
         assert!(window(&args, "-drive").is_empty());
         let mut unthrottled = plan();
         unthrottled.disk = Some(DiskPlan {
