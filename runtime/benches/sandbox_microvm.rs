@@ -3,7 +3,7 @@
 //! measured in the same run (interleaved, so both see the same machine load).
 //!
 //! `cargo bench -p symbiont-runtime --bench sandbox_microvm` (iterations:
-//! `SYMBIONT_BENCH_ITERS`, default 7). Needs `bash scripts/setup.sh`.
+//! `SYMBIONT_BENCH_ITERS`, default 11; `SYMBIONT_BENCH_VERBOSE=1` prints every iteration). Needs `bash scripts/setup.sh`.
 
 use std::time::{Duration, Instant};
 
@@ -36,7 +36,7 @@ async fn main() {
         std::env::var("SYMBIONT_BENCH_ITERS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(7)
+            .unwrap_or(11)
     };
     let state = tempfile::Builder::new()
         .prefix("symbiont-mvm-bench")
