@@ -3,6 +3,8 @@
 //! request/reply, persisted keys, plaintext hygiene, the sandbox bridge over in-memory
 //! streams, and the Python and Rust example agents driven through the bridge.
 
+mod bus_support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,10 +14,10 @@ use symbiont_runtime::integrations::audit_trail::{AuditEventType, AuditSink, Moc
 use symbiont_runtime::storage::{SqliteStore, Store, SyncMode};
 use symbiont_runtime::types::*;
 
+use bus_support::{agents, msg, MSG};
+
 use symbiont_agent::protocol::{AgentFrame, DeliveryKind, RuntimeFrame, WirePriority};
 use symbiont_agent::r#async::{read_frame, write_frame};
-
-const MSG: [Capability; 1] = [Capability::Messaging];
 
 async fn bus_with(config: CommunicationConfig) -> (DefaultCommunicationBus, Arc<MockAuditTrail>) {
     let audit = Arc::new(MockAuditTrail::new_sync());
@@ -25,30 +27,6 @@ async fn bus_with(config: CommunicationConfig) -> (DefaultCommunicationBus, Arc<
         .await
         .expect("bus starts");
     (bus, audit)
-}
-
-async fn agents(bus: &DefaultCommunicationBus, n: usize) -> Vec<AgentId> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let id = AgentId::new();
-        bus.register_agent(id, MSG.to_vec())
-            .await
-            .expect("register");
-        out.push(id);
-    }
-    out
-}
-
-fn msg(from: AgentId, to: AgentId, topic: &str, payload: &[u8]) -> Message {
-    Message {
-        id: MessageId::new(),
-        from,
-        to,
-        topic: topic.to_string(),
-        payload: payload.to_vec(),
-        priority: Priority::Normal,
-        ttl: Duration::from_secs(300),
-    }
 }
 
 /// True when the audit trail holds a SEC_001 rejection with `reason`.

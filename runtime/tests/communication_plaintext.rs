@@ -3,6 +3,8 @@
 //! logs (captured at TRACE). In its own test binary so that no other test's threads share
 //! `tracing`'s global callsite state with the capturing subscriber.
 
+mod bus_support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,31 +13,7 @@ use symbiont_runtime::integrations::audit_trail::{AuditSink, MockAuditTrail};
 use symbiont_runtime::storage::{SqliteStore, Store, SyncMode};
 use symbiont_runtime::types::*;
 
-const MSG: [Capability; 1] = [Capability::Messaging];
-
-async fn agents(bus: &DefaultCommunicationBus, n: usize) -> Vec<AgentId> {
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let id = AgentId::new();
-        bus.register_agent(id, MSG.to_vec())
-            .await
-            .expect("register");
-        out.push(id);
-    }
-    out
-}
-
-fn msg(from: AgentId, to: AgentId, topic: &str, payload: &[u8]) -> Message {
-    Message {
-        id: MessageId::new(),
-        from,
-        to,
-        topic: topic.to_string(),
-        payload: payload.to_vec(),
-        priority: Priority::Normal,
-        ttl: Duration::from_secs(300),
-    }
-}
+use bus_support::{agents, msg, MSG};
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)

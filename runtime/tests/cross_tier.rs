@@ -179,18 +179,17 @@ fn tier_of(runtime: &Runtime, id: AgentId) -> SecurityTier {
         .tier()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn native_agent_and_docker_agent_exchange_a_request_and_reply_through_the_bus() {
-    let h = harness(&[SecurityTier::Tier1]).await;
-    let inner = create_static(&h.runtime, "inner", "docker", "").await;
+/// A runtime with `tier`, the static echo agent `inner` running in it (named `tier_name` in
+/// the DSL, given `boot` to start) and the Python echo agent `relay` running natively.
+async fn inner_and_relay(
+    tier: SecurityTier,
+    tier_name: &str,
+    boot: Duration,
+) -> (Harness, AgentId, AgentId) {
+    let h = harness(&[tier]).await;
+    let inner = create_static(&h.runtime, "inner", tier_name, "").await;
     let relay = py_echo(&h.runtime).await;
-    wait_state(
-        &h.runtime,
-        inner,
-        AgentState::Running,
-        Duration::from_secs(60),
-    )
-    .await;
+    wait_state(&h.runtime, inner, AgentState::Running, boot).await;
     wait_state(
         &h.runtime,
         relay,
@@ -198,7 +197,14 @@ async fn native_agent_and_docker_agent_exchange_a_request_and_reply_through_the_
         Duration::from_secs(20),
     )
     .await;
-    assert_eq!(tier_of(&h.runtime, inner), SecurityTier::Tier1);
+    assert_eq!(tier_of(&h.runtime, inner), tier);
+    (h, inner, relay)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_agent_and_docker_agent_exchange_a_request_and_reply_through_the_bus() {
+    let (h, inner, relay) =
+        inner_and_relay(SecurityTier::Tier1, "docker", Duration::from_secs(60)).await;
     assert_eq!(tier_of(&h.runtime, relay), SecurityTier::Native);
     relay_round_trip(&h, relay, inner).await;
     // And the other way: a direct message into the container, echoed back by the program.
@@ -229,24 +235,8 @@ async fn native_agent_and_docker_agent_exchange_a_request_and_reply_through_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_agent_and_microvm_agent_exchange_a_request_and_reply_through_the_bus() {
-    let h = harness(&[SecurityTier::Tier3]).await;
-    let inner = create_static(&h.runtime, "inner", "microvm", "").await;
-    let relay = py_echo(&h.runtime).await;
-    wait_state(
-        &h.runtime,
-        inner,
-        AgentState::Running,
-        Duration::from_secs(120),
-    )
-    .await;
-    wait_state(
-        &h.runtime,
-        relay,
-        AgentState::Running,
-        Duration::from_secs(20),
-    )
-    .await;
-    assert_eq!(tier_of(&h.runtime, inner), SecurityTier::Tier3);
+    let (h, inner, relay) =
+        inner_and_relay(SecurityTier::Tier3, "microvm", Duration::from_secs(120)).await;
     relay_round_trip(&h, relay, inner).await;
     h.runtime.shutdown().await.expect("shutdown");
     assert_audited_both_ways(&h.runtime, relay, inner).await;
@@ -273,6 +263,29 @@ async fn running_task(runtime: &Runtime, id: AgentId) -> TaskId {
     })
     .await;
     receipt.task_id
+}
+
+/// A runtime with `tier` and a static echo agent `worker` in it (named `tier_name` in the DSL,
+/// given `boot` to start) whose tasks take [`TASK_MS`], with one task running. Returns the
+/// harness, the agent, the task and the id of the agent's sandbox.
+async fn worker_mid_task(
+    tier: SecurityTier,
+    tier_name: &str,
+    boot: Duration,
+) -> (Harness, AgentId, TaskId, String) {
+    let h = harness(&[tier]).await;
+    let env = format!("env ECHO_TASK_DELAY_MS = \"{TASK_MS}\"");
+    let id = create_static(&h.runtime, "worker", tier_name, &env).await;
+    wait_state(&h.runtime, id, AgentState::Running, boot).await;
+    let task = running_task(&h.runtime, id).await;
+    let first = h
+        .runtime
+        .sandboxes()
+        .sandbox(id)
+        .expect("a live sandbox")
+        .id()
+        .to_string();
+    (h, id, task, first)
 }
 
 /// After the sandbox `first` of `id` was killed mid-task: the task completes on a retry in
@@ -340,18 +353,8 @@ fn containers_of(sandbox: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_docker_agents_container_mid_task_restarts_it_and_retries_the_task() {
-    let h = harness(&[SecurityTier::Tier1]).await;
-    let env = format!("env ECHO_TASK_DELAY_MS = \"{TASK_MS}\"");
-    let id = create_static(&h.runtime, "worker", "docker", &env).await;
-    wait_state(&h.runtime, id, AgentState::Running, Duration::from_secs(60)).await;
-    let task = running_task(&h.runtime, id).await;
-    let first = h
-        .runtime
-        .sandboxes()
-        .sandbox(id)
-        .expect("a live sandbox")
-        .id()
-        .to_string();
+    let (h, id, task, first) =
+        worker_mid_task(SecurityTier::Tier1, "docker", Duration::from_secs(60)).await;
     assert_eq!(
         containers_of(&first),
         vec![format!("{first} running")],
@@ -407,24 +410,8 @@ fn qemu_of(sandbox: &str) -> Vec<i32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_microvm_agents_vm_mid_task_restarts_it_and_retries_the_task() {
-    let h = harness(&[SecurityTier::Tier3]).await;
-    let env = format!("env ECHO_TASK_DELAY_MS = \"{TASK_MS}\"");
-    let id = create_static(&h.runtime, "worker", "microvm", &env).await;
-    wait_state(
-        &h.runtime,
-        id,
-        AgentState::Running,
-        Duration::from_secs(120),
-    )
-    .await;
-    let task = running_task(&h.runtime, id).await;
-    let first = h
-        .runtime
-        .sandboxes()
-        .sandbox(id)
-        .expect("a live sandbox")
-        .id()
-        .to_string();
+    let (h, id, task, first) =
+        worker_mid_task(SecurityTier::Tier3, "microvm", Duration::from_secs(120)).await;
     let pids = qemu_of(&first);
     assert_eq!(pids.len(), 1, "one QEMU process for {first}: {pids:?}");
     // Chaos from outside the runtime: the VM's QEMU process dies.

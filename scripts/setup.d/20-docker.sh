@@ -28,11 +28,7 @@ else
     echo "    starting dockerd (no systemd): dockerd >/var/log/dockerd.log 2>&1 &"
     nohup dockerd >/var/log/dockerd.log 2>&1 &
   fi
-  for _ in $(seq 1 120); do
-    docker_up && break
-    sleep 0.5
-  done
-  if ! docker_up; then
+  if ! wait_until 120 0.5 docker_up; then
     echo "    dockerd did not come up within 60 s; see /var/log/dockerd.log" >&2
     tail -n 20 /var/log/dockerd.log >&2 || true
     exit 1
@@ -84,11 +80,7 @@ if [ "$changed" = "yes" ] || ! runsc_listed; then
   echo "    reloading dockerd configuration (SIGHUP to pid $(cat /var/run/docker.pid))"
   kill -HUP "$(cat /var/run/docker.pid)"
   sleep 0.5
-  for _ in $(seq 1 40); do
-    runsc_listed && break
-    sleep 0.25
-  done
-  if ! runsc_listed; then
+  if ! wait_until 40 0.25 runsc_listed; then
     echo "    dockerd did not pick up the runsc runtime; restart dockerd" >&2
     exit 1
   fi

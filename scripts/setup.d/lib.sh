@@ -38,3 +38,15 @@ ensure_rust() {
   export PATH="$HOME/.cargo/bin:$PATH"
   echo "    $(cargo --version)"
 }
+
+# wait_until TRIES PAUSE CMD...: runs CMD until it succeeds, at most TRIES times PAUSE seconds
+# apart; returns CMD's last status.
+wait_until() {
+  local tries=$1 pause=$2
+  shift 2
+  for _ in $(seq 1 "$tries"); do
+    "$@" && return 0
+    sleep "$pause"
+  done
+  "$@"
+}

@@ -522,6 +522,26 @@ pub async fn probe_registry(config: &SandboxConfig) -> (SandboxRegistry, Vec<Tie
     (registry, infos)
 }
 
+/// The non-empty lines `busybox <flag>` prints, trimmed (`--list`: applet names;
+/// `--list-full`: their install paths). Empty when busybox cannot be run; the callers (the
+/// container and microVM images) then fall back to a fixed list.
+pub(crate) fn busybox_list(busybox: &std::path::Path, flag: &str) -> Vec<String> {
+    std::process::Command::new(busybox)
+        .arg(flag)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

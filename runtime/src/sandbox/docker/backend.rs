@@ -242,6 +242,24 @@ impl Shared {
             .await
     }
 
+    /// The blkio throttles for a `disk_io_mbps` limit: every [`Self::throttle_devices`] at
+    /// the limit's rate, or none for 0 (unlimited).
+    pub(crate) async fn blkio_throttles(
+        &self,
+        disk_io_mbps: u64,
+    ) -> Result<Vec<(String, u64)>, SandboxError> {
+        if disk_io_mbps == 0 {
+            return Ok(Vec::new());
+        }
+        let rate = translate::disk_bytes_per_sec(disk_io_mbps);
+        Ok(self
+            .throttle_devices()
+            .await?
+            .iter()
+            .map(|d| (d.clone(), rate))
+            .collect())
+    }
+
     /// Block devices to throttle: the disk behind the state directory (workspaces) and the
     /// disk behind Docker's root (the container's writable layer).
     pub(crate) async fn throttle_devices(&self) -> Result<&Vec<String>, SandboxError> {
@@ -455,17 +473,7 @@ impl ContainerBackend {
             None => self.default_image()?,
         };
         shared.ensure_image(&image).await?;
-        let blkio = if spec.limits.disk_io_mbps > 0 {
-            let rate = translate::disk_bytes_per_sec(spec.limits.disk_io_mbps);
-            shared
-                .throttle_devices()
-                .await?
-                .iter()
-                .map(|d| (d.clone(), rate))
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let blkio = shared.blkio_throttles(spec.limits.disk_io_mbps).await?;
         let network = if spec.has_capability(&Capability::Network) {
             Some(shared.network().await?.clone())
         } else {

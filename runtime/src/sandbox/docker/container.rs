@@ -719,14 +719,7 @@ impl Sandbox for ContainerSandbox {
         let pid = info.state.and_then(|s| s.pid).unwrap_or(0);
         if flavor.live_update {
             let blkio: Vec<(String, u64)> = if limits.disk_io_mbps > 0 {
-                let rate = translate::disk_bytes_per_sec(limits.disk_io_mbps);
-                inner
-                    .shared
-                    .throttle_devices()
-                    .await?
-                    .iter()
-                    .map(|d| (d.clone(), rate))
-                    .collect()
+                inner.shared.blkio_throttles(limits.disk_io_mbps).await?
             } else {
                 // Rate 0 removes a throttle.
                 inner

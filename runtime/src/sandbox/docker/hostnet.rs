@@ -225,22 +225,7 @@ pub(crate) fn interface_by_index(sys_class_net: &Path, index: u32) -> Option<Str
 /// up to 2 s of traffic, because gVisor's netstack TCP recovers poorly from tail drops (a
 /// 100 ms queue cut its uploads to ~1 Mb/s under an 8 Mb/s limit; 2 s gives ~7.7 Mb/s).
 pub(crate) fn tbf_args(dev: &str, mbps: u64) -> Vec<String> {
-    let bytes_per_sec = mbps.saturating_mul(1_000_000) / 8;
-    let burst = (bytes_per_sec / 20).max(64 * 1024);
-    vec![
-        "qdisc".into(),
-        "replace".into(),
-        "dev".into(),
-        dev.into(),
-        "root".into(),
-        "tbf".into(),
-        "rate".into(),
-        format!("{mbps}mbit"),
-        "burst".into(),
-        burst.to_string(),
-        "latency".into(),
-        "2000ms".into(),
-    ]
+    crate::sandbox::native::net::tbf_args_shaped(dev, mbps, 50, 2000)
 }
 
 /// The host end of the veth pair whose other end is `eth0` in the network namespace of `pid`.

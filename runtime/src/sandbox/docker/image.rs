@@ -81,19 +81,11 @@ pub(crate) struct BaseImage {
 
 /// The applet paths (relative, e.g. `usr/bin/nc`) busybox reports, or a fixed list.
 fn applets(busybox: &Path) -> Vec<String> {
-    let listed = std::process::Command::new(busybox)
-        .arg("--list-full")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .map(|l| l.trim().trim_start_matches('/').to_string())
-                .filter(|l| !l.is_empty() && !l.contains(".."))
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
+    let listed: Vec<String> = crate::sandbox::busybox_list(busybox, "--list-full")
+        .into_iter()
+        .map(|l| l.trim_start_matches('/').to_string())
+        .filter(|l| !l.is_empty() && !l.contains(".."))
+        .collect();
     let mut list = if listed.is_empty() {
         FALLBACK_APPLETS.iter().map(|s| s.to_string()).collect()
     } else {

@@ -310,19 +310,15 @@ fn gzip(data: &[u8], level: Compression) -> Result<Vec<u8>, SandboxError> {
 }
 
 fn busybox_applets(busybox: &Path) -> Vec<String> {
-    std::process::Command::new(busybox)
-        .arg("--list")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .map(str::to_string)
-                .filter(|a| !a.is_empty() && !a.contains('/'))
-                .collect()
-        })
-        .unwrap_or_else(|| ["sh", "ls", "cat", "echo"].map(String::from).to_vec())
+    let names: Vec<String> = crate::sandbox::busybox_list(busybox, "--list")
+        .into_iter()
+        .filter(|a| !a.contains('/'))
+        .collect();
+    if names.is_empty() {
+        ["sh", "ls", "cat", "echo"].map(String::from).to_vec()
+    } else {
+        names
+    }
 }
 
 /// Builds the base layer (uncompressed cpio).

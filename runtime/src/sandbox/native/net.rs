@@ -80,12 +80,19 @@ pub fn if_names(i: u32) -> (String, String) {
     (format!("{IF_PREFIX}{i}h"), format!("{IF_PREFIX}{i}s"))
 }
 
-/// `tc` arguments for a token bucket of `mbps` megabits per second on `dev`.
+/// `tc` arguments for a token bucket of `mbps` megabits per second on `dev`: enough burst for
+/// one GSO super-packet and a few timer ticks (10 ms of traffic, at least 64 KiB), small next
+/// to the rate over any real transfer; a queue of 100 ms.
 pub fn tbf_args(dev: &str, mbps: u64) -> Vec<String> {
+    tbf_args_shaped(dev, mbps, 10, 100)
+}
+
+/// `tc qdisc replace dev <dev> root tbf` arguments for `mbps` megabits per second, with a
+/// bucket of `burst_ms` of traffic (at least 64 KiB, so GSO-sized packets pass) and a queue of
+/// `latency_ms`. Shared by every tier that shapes a veth.
+pub fn tbf_args_shaped(dev: &str, mbps: u64, burst_ms: u64, latency_ms: u64) -> Vec<String> {
     let bytes_per_sec = mbps.saturating_mul(1_000_000) / 8;
-    // Enough burst for one GSO super-packet and a few timer ticks; small next to the rate
-    // over any real transfer.
-    let burst = (bytes_per_sec / 100).max(64 * 1024);
+    let burst = (bytes_per_sec.saturating_mul(burst_ms) / 1000).max(64 * 1024);
     vec![
         "qdisc".into(),
         "replace".into(),
@@ -98,7 +105,7 @@ pub fn tbf_args(dev: &str, mbps: u64) -> Vec<String> {
         "burst".into(),
         burst.to_string(),
         "latency".into(),
-        "100ms".into(),
+        format!("{latency_ms}ms"),
     ]
 }
 
