@@ -389,6 +389,42 @@ async fn the_image_cache_is_reused_on_the_second_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_benchmark_baseline_boots_the_agents_own_image_bare() {
+    use symbiont_runtime::sandbox::microvm::kvm;
+    let env = env();
+    let s = spec(&["/bin/sh", "-c", "echo ready"]);
+    let image = match env.backend.image_for(&s).await {
+        Ok(p) => p,
+        Err(e) => panic!("microVM tier unavailable: {e}; run `bash scripts/setup.sh`"),
+    };
+    assert!(image.is_file(), "{}", image.display());
+    // The image is the one the agent boots: creating the sandbox builds nothing new.
+    let before = env.backend.cache_stats();
+    let sb = create(&env, s).await;
+    let after = env.backend.cache_stats();
+    assert_eq!(after.misses, before.misses, "create reuses the image");
+    assert_eq!(after.hits, before.hits + 1);
+    sb.destroy().await.expect("destroy");
+    // Bare boot of the same kernel and initramfs, busybox instead of the guest init and no
+    // devices: it prints its line and powers off.
+    let accel = env.backend.accel().await.expect("accel");
+    let kernel = env.backend.kernel_image().await.expect("kernel");
+    let qemu = kvm::which(std::path::Path::new("qemu-system-x86_64")).expect("qemu");
+    let boot = kvm::bare_boot(
+        &qemu,
+        &kernel,
+        &image,
+        kvm::BareInit::Busybox,
+        accel,
+        192,
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("bare boot of the agent image: {e}"));
+    assert!(boot.first_line <= boot.total, "{boot:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_probe_decides_the_accelerator_and_warns_on_fallback() {
     use symbiont_runtime::sandbox::microvm::{kvm, Accel};
     let env = env();

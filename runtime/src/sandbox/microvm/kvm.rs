@@ -164,13 +164,36 @@ pub struct BareBoot {
     pub total: Duration,
 }
 
-/// Boots `kernel` + `initrd` (a [`minimal_initramfs`]) with QEMU `microvm` and measures the
-/// time to the marker line. Fails when the line does not appear within `timeout`; the QEMU
-/// process is killed either way.
+/// What the guest of a [`bare_boot`] runs as its first process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BareInit {
+    /// The initramfs's own `/init` (that of a [`minimal_initramfs`] prints the marker).
+    Image,
+    /// The initramfs's `/bin/busybox`, told on the kernel command line to print the marker
+    /// and power off: boots an image the runtime built for an agent without its guest init.
+    Busybox,
+}
+
+impl BareInit {
+    fn cmdline(self) -> String {
+        match self {
+            BareInit::Image => String::new(),
+            BareInit::Busybox => format!(
+                "rdinit=/bin/busybox -- sh -c \"/bin/busybox echo {BOOT_MARKER}; /bin/busybox \
+                 poweroff -f\""
+            ),
+        }
+    }
+}
+
+/// Boots `kernel` + `initrd` with QEMU `microvm`, running `init` as the first process, and
+/// measures the time to the marker line. Fails when the line does not appear within
+/// `timeout`; the QEMU process is killed either way.
 pub async fn bare_boot(
     qemu: &Path,
     kernel: &Path,
     initrd: &Path,
+    init: BareInit,
     accel: Accel,
     memory_mb: u64,
     timeout: Duration,
@@ -189,7 +212,11 @@ pub async fn bare_boot(
         .arg(initrd)
         .args([
             "-append",
-            &format!("{BASE_CMDLINE} reboot=t {}", accel_cmdline(accel).join(" ")),
+            &format!(
+                "{BASE_CMDLINE} reboot=t {} {}",
+                accel_cmdline(accel).join(" "),
+                init.cmdline()
+            ),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -243,7 +270,17 @@ pub async fn probe_kvm(qemu: &Path, kernel: &Path, initrd: &Path, timeout: Durat
     {
         return KvmProbe::NoDevice(e.to_string());
     }
-    match bare_boot(qemu, kernel, initrd, Accel::Kvm, 128, timeout).await {
+    match bare_boot(
+        qemu,
+        kernel,
+        initrd,
+        BareInit::Image,
+        Accel::Kvm,
+        128,
+        timeout,
+    )
+    .await
+    {
         Ok(_) => KvmProbe::Works,
         Err(e) => KvmProbe::GuestFailed(e),
     }
@@ -312,6 +349,19 @@ pub fn which(program: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bare_busybox_init_runs_the_marker_command_after_the_double_dash() {
+        assert_eq!(BareInit::Image.cmdline(), "");
+        let words = BareInit::Busybox.cmdline();
+        let (kernel, init) = words.split_once(" -- ").expect("init arguments after --");
+        assert_eq!(kernel, "rdinit=/bin/busybox");
+        // One quoted argument for `sh -c`: the kernel strips the quotes.
+        assert_eq!(
+            init,
+            format!("sh -c \"/bin/busybox echo {BOOT_MARKER}; /bin/busybox poweroff -f\"")
+        );
+    }
 
     #[test]
     fn auto_uses_kvm_only_when_a_guest_ran() {

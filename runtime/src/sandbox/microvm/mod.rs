@@ -445,6 +445,49 @@ impl MicrovmBackend {
         Ok(result)
     }
 
+    /// The initramfs an agent with `spec` boots: built like [`SandboxBackend::create`]
+    /// builds it, or taken from the cache. The benchmark boots it bare (without the guest
+    /// init) for its same-image baseline.
+    pub async fn image_for(&self, spec: &SandboxSpec) -> Result<PathBuf, SandboxError> {
+        spec.validate()?;
+        let env = self.host_env().await?;
+        Ok(self.build_image(&env, spec).await?.path)
+    }
+
+    /// Builds (or finds in the cache) the image for `spec`: the base layer for its module
+    /// set and the agent layer with its guest config and files.
+    async fn build_image(
+        &self,
+        env: &HostEnv,
+        spec: &SandboxSpec,
+    ) -> Result<image::BuiltImage, SandboxError> {
+        let network = spec.has_capability(&Capability::Network);
+        let disk = self.cfg.workspace_disk_mb > 0;
+        let net_limit = network && spec.limits.network_io_mbps > 0;
+        let modules = self.modules_for(
+            env,
+            wanted_modules(env.vmm, env.accel, disk, network, net_limit),
+        )?;
+        let guest = guest_config(spec, self.cfg.guest_uid, self.pids_limit, &modules, disk);
+        let inputs = BaseInputs {
+            guest_init: self.cfg.guest_init.clone(),
+            busybox: self.cfg.busybox.clone(),
+            modules,
+            uid: self.cfg.guest_uid,
+        };
+        let cache = self.cache.clone();
+        let files = spec.files.clone();
+        let resolv = network.then_some("nameserver 10.0.2.3\n");
+        let built = tokio::task::spawn_blocking(move || {
+            let base = cache.base(&inputs)?;
+            let layer = image::build_agent_layer(&guest, &files, resolv);
+            cache.image(&base, &layer)
+        })
+        .await
+        .map_err(|e| SandboxError::op("image build", e))??;
+        Ok(built)
+    }
+
     fn modules_for(
         &self,
         env: &HostEnv,
@@ -586,29 +629,7 @@ impl SandboxBackend for MicrovmBackend {
                  does not set up; use vmm = \"qemu\"",
             ));
         }
-        let disk = self.cfg.workspace_disk_mb > 0;
-        let net_limit = network && spec.limits.network_io_mbps > 0;
-        let modules = self.modules_for(
-            &env,
-            wanted_modules(env.vmm, env.accel, disk, network, net_limit),
-        )?;
-        let guest = guest_config(&spec, self.cfg.guest_uid, self.pids_limit, &modules, disk);
-        let inputs = BaseInputs {
-            guest_init: self.cfg.guest_init.clone(),
-            busybox: self.cfg.busybox.clone(),
-            modules,
-            uid: self.cfg.guest_uid,
-        };
-        let cache = self.cache.clone();
-        let files = spec.files.clone();
-        let resolv = network.then_some("nameserver 10.0.2.3\n");
-        let built = tokio::task::spawn_blocking(move || {
-            let base = cache.base(&inputs)?;
-            let layer = image::build_agent_layer(&guest, &files, resolv);
-            cache.image(&base, &layer)
-        })
-        .await
-        .map_err(|e| SandboxError::op("image build", e))??;
+        let built = self.build_image(&env, &spec).await?;
         tracing::debug!(hash = %built.hash, cache_hit = built.cache_hit, "microVM image ready");
         sandbox::MicrovmSandbox::prepare(sandbox::Prepare {
             spec,
