@@ -425,6 +425,42 @@ async fn the_benchmark_baseline_boots_the_agents_own_image_bare() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_boot_runs_the_extracted_vmlinux_and_the_packaged_image_still_boots() {
+    use symbiont_runtime::sandbox::microvm::vmlinux;
+    let env = env();
+    let (booted, packaged) = match (
+        env.backend.kernel_image().await,
+        env.backend.packaged_kernel_image().await,
+    ) {
+        (Ok(b), Ok(p)) => (b, p),
+        (Err(e), _) | (_, Err(e)) => {
+            panic!("microVM tier unavailable: {e}; run `bash scripts/setup.sh`")
+        }
+    };
+    assert_ne!(booted, packaged, "the default boots the extracted ELF");
+    let elf = std::fs::read(&booted).expect("read vmlinux");
+    assert!(
+        vmlinux::has_pvh_note(&elf),
+        "{} has a PVH note",
+        booted.display()
+    );
+    let (out, _, exit) = run(&env, spec(&["/bin/sh", "-c", "echo direct"])).await;
+    assert_eq!((out.as_str(), exit.code), ("direct\n", Some(0)));
+
+    let firmware = env_with(MicrovmConfig {
+        direct_boot: false,
+        ..Default::default()
+    });
+    assert_eq!(
+        firmware.backend.kernel_image().await.expect("kernel"),
+        packaged,
+        "direct_boot = false boots the packaged image"
+    );
+    let (out, _, exit) = run(&firmware, spec(&["/bin/sh", "-c", "echo packaged"])).await;
+    assert_eq!((out.as_str(), exit.code), ("packaged\n", Some(0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kvm_probe_decides_the_accelerator_and_warns_on_fallback() {
     use symbiont_runtime::sandbox::microvm::{kvm, Accel};
     let env = env();

@@ -39,8 +39,10 @@ fn unavailable(reason: impl Into<String>) -> SandboxError {
 /// The guest kernel and its modules.
 #[derive(Debug, Clone)]
 pub struct GuestKernel {
-    /// The bootable image (`vmlinuz-*`, or a `vmlinux` ELF for Firecracker).
+    /// The image the VMM boots (`vmlinuz-*`, or a `vmlinux` ELF under direct boot).
     pub image: PathBuf,
+    /// The image as found on disk (`vmlinuz-*`, or the configured `kernel`).
+    pub packaged: PathBuf,
     /// Its release, e.g. `6.1.0-56-cloud-amd64`.
     pub release: String,
     /// `lib/modules/<release>`.
@@ -88,6 +90,7 @@ impl GuestKernel {
             )));
         }
         Ok(Self {
+            packaged: image.clone(),
             image,
             release,
             modules_dir,
