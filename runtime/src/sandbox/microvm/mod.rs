@@ -350,7 +350,10 @@ impl MicrovmBackend {
         };
         let mut kernel = GuestKernel::locate(&cfg.kernel_dir, cfg.kernel.as_deref())?;
         let mut warnings = Vec::new();
-        if cfg.direct_boot || vmm == Vmm::Firecracker {
+        // Firecracker boots any ELF vmlinux (its own loader, PVH note or not): a configured
+        // one is used as is.
+        let firecracker_elf = vmm == Vmm::Firecracker && vmlinux::is_elf(&kernel.image);
+        if (cfg.direct_boot || vmm == Vmm::Firecracker) && !firecracker_elf {
             // Next to the packaged kernel when we may write there (one extraction per host),
             // else in our state directory.
             let src = kernel.image.clone();

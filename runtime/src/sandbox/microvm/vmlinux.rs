@@ -124,6 +124,15 @@ fn lz4_legacy(payload: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Whether the file at `path` starts with the ELF magic.
+pub fn is_elf(path: &Path) -> bool {
+    let mut head = [0u8; 4];
+    fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && head == *b"\x7fELF"
+}
+
 /// Whether `elf` is a 64-bit ELF with a PVH entry note (`XEN_ELFNOTE_PHYS32_ENTRY`).
 pub fn has_pvh_note(elf: &[u8]) -> bool {
     pvh_note(elf).unwrap_or(false)
@@ -354,5 +363,8 @@ mod tests {
         assert!(direct_boot_image(&direct, &cache)
             .expect_err("refused")
             .contains("PVH"));
+        assert!(is_elf(&direct));
+        assert!(!is_elf(&src));
+        assert!(!is_elf(&dir.path().join("missing")));
     }
 }
