@@ -113,7 +113,7 @@ async fn main() {
             );
         }
     }
-    let (b, m, a, c) = (
+    let (p, s, a, c) = (
         median(&mut shipped),
         median(&mut same),
         median(&mut agent),
@@ -129,11 +129,11 @@ async fn main() {
     println!("sandbox_microvm: accelerator {accel}, guest RAM {vm_memory} MiB, {iters} iterations (medians)");
     println!(
         "sandbox_microvm: bare boot, packaged kernel -> line {:8.1} ms",
-        ms(b)
+        ms(p)
     );
     println!(
         "sandbox_microvm: bare boot, same boot path -> line {:8.1} ms",
-        ms(m)
+        ms(s)
     );
     println!(
         "sandbox_microvm: agent start() -> first output    {:8.1} ms",
@@ -145,12 +145,12 @@ async fn main() {
     );
     println!(
         "sandbox_microvm: ratio agent/bare packaged kernel {:.3}x (target <= 1.2x)",
-        a.as_secs_f64() / b.as_secs_f64()
+        a.as_secs_f64() / p.as_secs_f64()
     );
     println!(
         "sandbox_microvm: ratio agent/bare same boot path {:.3}x (stricter: the runtime's \
          own share)",
-        a.as_secs_f64() / m.as_secs_f64()
+        a.as_secs_f64() / s.as_secs_f64()
     );
 }
 

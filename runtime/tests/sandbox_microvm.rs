@@ -46,6 +46,11 @@ fn env_with(microvm: MicrovmConfig) -> Env {
     }
 }
 
+/// The value, or a failure saying the tier is missing and how to install it.
+fn available<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+    r.unwrap_or_else(|e| panic!("microVM tier unavailable: {e}; run `bash scripts/setup.sh`"))
+}
+
 fn spec(argv: &[&str]) -> SandboxSpec {
     let mut s = SandboxSpec::new(AgentId::new(), argv.iter().copied());
     s.limits.memory_mb = 128;
@@ -393,10 +398,7 @@ async fn the_benchmark_baseline_boots_the_agents_own_image_bare() {
     use symbiont_runtime::sandbox::microvm::kvm;
     let env = env();
     let s = spec(&["/bin/sh", "-c", "echo ready"]);
-    let image = match env.backend.image_for(&s).await {
-        Ok(p) => p,
-        Err(e) => panic!("microVM tier unavailable: {e}; run `bash scripts/setup.sh`"),
-    };
+    let image = available(env.backend.image_for(&s).await);
     assert!(image.is_file(), "{}", image.display());
     // The image is the one the agent boots: creating the sandbox builds nothing new.
     let before = env.backend.cache_stats();
@@ -428,15 +430,8 @@ async fn the_benchmark_baseline_boots_the_agents_own_image_bare() {
 async fn direct_boot_runs_the_extracted_vmlinux_and_the_packaged_image_still_boots() {
     use symbiont_runtime::sandbox::microvm::vmlinux;
     let env = env();
-    let (booted, packaged) = match (
-        env.backend.kernel_image().await,
-        env.backend.packaged_kernel_image().await,
-    ) {
-        (Ok(b), Ok(p)) => (b, p),
-        (Err(e), _) | (_, Err(e)) => {
-            panic!("microVM tier unavailable: {e}; run `bash scripts/setup.sh`")
-        }
-    };
+    let booted = available(env.backend.kernel_image().await);
+    let packaged = available(env.backend.packaged_kernel_image().await);
     assert_ne!(booted, packaged, "the default boots the extracted ELF");
     let elf = std::fs::read(&booted).expect("read vmlinux");
     assert!(
@@ -464,10 +459,7 @@ async fn direct_boot_runs_the_extracted_vmlinux_and_the_packaged_image_still_boo
 async fn kvm_probe_decides_the_accelerator_and_warns_on_fallback() {
     use symbiont_runtime::sandbox::microvm::{kvm, Accel};
     let env = env();
-    let info = match env.backend.probe().await {
-        Ok(i) => i,
-        Err(e) => panic!("microVM tier unavailable: {e}; run `bash scripts/setup.sh`"),
-    };
+    let info = available(env.backend.probe().await);
     let accel = env.backend.accel().await.expect("accel");
     // Check KVM independently: boot the minimal guest under -accel kvm ourselves.
     let kernel = env.backend.kernel_image().await.expect("kernel");

@@ -298,6 +298,39 @@ pub fn guest_module_path(name: &str) -> String {
     format!("/lib/modules/{name}.ko")
 }
 
+/// `path|size|mtime` of a file: a cheap key for "this input has not changed".
+pub(crate) fn file_stamp(path: &Path) -> std::io::Result<String> {
+    let m = fs::metadata(path)?;
+    let mtime = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    Ok(format!("{}|{}|{mtime}", path.display(), m.len()))
+}
+
+/// Writes `parts` to `path` atomically: into a uniquely named temporary file next to it,
+/// synced, then renamed over `path` (concurrent writers of the same content are harmless).
+/// The temporary file is removed on failure.
+pub(crate) fn store(path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+    let write = || -> std::io::Result<()> {
+        fs::create_dir_all(dir)?;
+        let mut f = fs::File::create(&tmp)?;
+        for part in parts {
+            f.write_all(part)?;
+        }
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
+}
+
 fn gzip(data: &[u8], level: Compression) -> Result<Vec<u8>, SandboxError> {
     let mut enc = GzEncoder::new(Vec::with_capacity(data.len() / 2), level);
     enc.write_all(data)
@@ -448,15 +481,9 @@ impl ImageCache {
     fn base_key(inputs: &BaseInputs) -> Result<String, SandboxError> {
         let mut h = Sha256::new();
         let mut stamp = |p: &Path| -> Result<(), SandboxError> {
-            let m = fs::metadata(p)
+            let stamp = file_stamp(p)
                 .map_err(|e| unavailable(format!("cannot read {}: {e}", p.display())))?;
-            let mtime = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            h.update(format!("{}|{}|{}\n", p.display(), m.len(), mtime).as_bytes());
+            h.update(format!("{stamp}\n").as_bytes());
             Ok(())
         };
         stamp(&inputs.guest_init)?;
@@ -500,26 +527,9 @@ impl ImageCache {
             });
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        fs::create_dir_all(&self.dir)
-            .map_err(|e| SandboxError::op("image cache", format!("{}: {e}", self.dir.display())))?;
         let agent_gz = gzip(agent_layer, Compression::fast())?;
-        let tmp = self
-            .dir
-            .join(format!(".{hash}.{}.tmp", uuid::Uuid::new_v4().simple()));
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(base)?;
-            f.write_all(&agent_gz)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(SandboxError::op(
-                "image cache",
-                format!("{}: {e}", path.display()),
-            ));
-        }
+        store(&path, &[base, &agent_gz])
+            .map_err(|e| SandboxError::op("image cache", format!("{}: {e}", path.display())))?;
         self.evict(&path);
         Ok(BuiltImage {
             path,

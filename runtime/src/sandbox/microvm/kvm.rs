@@ -7,8 +7,9 @@
 //! sandbox on a host pays for it. [`decide`] turns the configured mode and the probe result
 //! into the accelerator and the warning shown in the log and in `TierInfo.warnings`.
 //!
-//! The same minimal initramfs and [`bare_boot`] give the benchmark its baseline: a bare QEMU
-//! boot of the same kernel, measured to the first line the guest prints.
+//! [`bare_boot`] also gives the benchmark its baselines: bare QEMU boots of the same kernel
+//! and the agent's own initramfs ([`BareInit::Busybox`]), measured to the first line the
+//! guest prints.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

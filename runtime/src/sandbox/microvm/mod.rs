@@ -89,12 +89,13 @@ pub struct MicrovmConfig {
     pub firecracker_binary: PathBuf,
     /// Where the guest kernel package is unpacked (`boot/vmlinuz-*`, `lib/modules/*`).
     pub kernel_dir: PathBuf,
-    /// Explicit bootable kernel image (Firecracker needs an uncompressed `vmlinux`).
+    /// Explicit bootable kernel image: a bzImage, or an ELF `vmlinux` (with a PVH note for
+    /// QEMU's direct boot).
     pub kernel: Option<PathBuf>,
-    /// Boot the ELF `vmlinux` inside the kernel image through its PVH entry (extracted once
-    /// into the state directory): QEMU loads it directly, skipping the firmware's copy and
-    /// the kernel's self-decompression (about 0.3 s per boot under TCG). `false` boots the
-    /// image as packaged. Firecracker always boots the ELF.
+    /// Boot the ELF `vmlinux` inside the kernel image through its PVH entry (extracted once,
+    /// next to the kernel or in the state directory): QEMU loads it directly, skipping the
+    /// firmware's copy and the kernel's self-decompression (about 0.3 s per boot under TCG).
+    /// `false` boots the image as packaged. Firecracker always boots an ELF.
     pub direct_boot: bool,
     /// The static guest init binary built from the `guest/` crate.
     pub guest_init: PathBuf,
@@ -295,21 +296,19 @@ impl MicrovmBackend {
     }
 
     /// Writes a minimal busybox initramfs whose `/init` prints [`kvm::BOOT_MARKER`] and
-    /// powers off (the KVM probe's guest and the benchmark's baseline) and returns its path.
+    /// powers off (the KVM probe's guest) and returns its path.
     pub fn minimal_initramfs(&self) -> Result<PathBuf, SandboxError> {
         let bytes = kvm::minimal_initramfs(&self.cfg.busybox)?;
         let hash = {
             use sha2::Digest;
             hex::encode(sha2::Sha256::digest(&bytes))
         };
-        let dir = self.state_dir.join("images");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| SandboxError::op("image cache", format!("{}: {e}", dir.display())))?;
-        let path = dir.join(format!("minimal-{}.cpio.gz", &hash[..16]));
+        let path = self
+            .state_dir
+            .join("images")
+            .join(format!("minimal-{}.cpio.gz", &hash[..16]));
         if !path.exists() {
-            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-            std::fs::write(&tmp, &bytes)
-                .and_then(|_| std::fs::rename(&tmp, &path))
+            image::store(&path, &[&bytes])
                 .map_err(|e| SandboxError::op("image cache", format!("{}: {e}", path.display())))?;
         }
         Ok(path)

@@ -172,14 +172,8 @@ fn pvh_note(elf: &[u8]) -> Option<bool> {
 /// else the vmlinux extracted from it, cached under the first of `cache_dirs` that holds it
 /// or accepts it (extracted once per image path, size and mtime).
 pub fn direct_boot_image(image: &Path, cache_dirs: &[PathBuf]) -> Result<PathBuf, String> {
-    let meta = fs::metadata(image).map_err(|e| format!("{}: {e}", image.display()))?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let key = Sha256::digest(format!("{}|{}|{mtime}", image.display(), meta.len()));
+    let stamp = super::image::file_stamp(image).map_err(|e| format!("{}: {e}", image.display()))?;
+    let key = Sha256::digest(stamp);
     let name = format!("vmlinux-{}", &hex::encode(key)[..16]);
     if let Some(found) = cache_dirs
         .iter()
@@ -206,16 +200,9 @@ pub fn direct_boot_image(image: &Path, cache_dirs: &[PathBuf]) -> Result<PathBuf
     let mut errors = Vec::new();
     for dir in cache_dirs {
         let path = dir.join(&name);
-        let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
-        let written = fs::create_dir_all(dir)
-            .and_then(|_| fs::write(&tmp, &elf))
-            .and_then(|_| fs::rename(&tmp, &path));
-        match written {
+        match super::image::store(&path, &[&elf]) {
             Ok(()) => return Ok(path),
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                errors.push(format!("{}: {e}", path.display()));
-            }
+            Err(e) => errors.push(format!("{}: {e}", path.display())),
         }
     }
     Err(format!(
